@@ -1,0 +1,50 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both (re)build .venv when pyproject changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
+# On a GPU host: make TORCH_SPEC=torch demo
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.selpo-installed
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT := false
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint bench venv vllm-env serve clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[prefect,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/selpo run configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+serve: $(STAMP)
+	$(BIN)/selpo serve
+
+# vLLM cannot share a venv with Prefect (conflicting pins): it gets its own, used by the generate stage as a
+# subprocess (generate.vllm_python). GPU hosts only.
+vllm-env:
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip
+	.venv-vllm/bin/python -m pip install -q -e ".[vllm]"
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Deployments: serve script and prefect.yaml for the flows."""

@@ -1,0 +1,536 @@
+"""Frozen, primitive-field configs for every stage, YAML load/save, `key=value` overrides, validation.
+
+A run is described by one `RunConfig`. Each stage reads only its own section (plus the sections of the
+models it loads), and a stage's cache key is a fingerprint of exactly those sections: changing
+`policy.beta` re-runs policy training and what follows, never the oracle. Validation runs in
+`__post_init__`, so a bad value fails before any compute with the field name and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and what is allowed."""
+
+
+def _choice(section: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name}={value!r} must be {bound}")
+
+
+def _fraction(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= 1):
+        bound = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ConfigError(f"{section}.{name}={value!r} must be in {bound}")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+POLICY_METHODS = ("sepo", "dpo", "ipo", "simpo", "selective_dpo", "tdpo1", "tdpo2", "tso")
+ORACLE_LOSSES = ("dpo", "ipo", "simpo")
+STAGES = ("synthetic", "sft", "oracle", "score", "policy", "generate", "evaluate")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The built-in task with known token rewards (used when `data.path` is empty)."""
+
+    seed: int = 0
+    """Seed of every random draw of the task: vocabulary, prompts, corpus, pairs."""
+    n_filler: int = 200
+    """Neutral filler words (true token reward 0)."""
+    n_positive: int = 16
+    """Positive key words (true token reward +1)."""
+    n_negative: int = 16
+    """Negative key words (true token reward -1)."""
+    n_sft: int = 4000
+    """Responses in the SFT corpus the reference model imitates."""
+    n_pairs: int = 2000
+    """Preference pairs (ties in true reward are dropped, so slightly fewer may be written)."""
+    n_heldout_prompts: int = 64
+    """Prompts kept out of all training, answered by the generate stage."""
+    min_words: int = 8
+    """Shortest response, in words (EOS not counted)."""
+    max_words: int = 24
+    """Longest response, in words (EOS not counted)."""
+    p_key: float = 0.15
+    """Probability that a response word is a key word (half positive, half negative on average)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_filler", "n_positive", "n_negative", "n_sft", "n_pairs", "n_heldout_prompts", "min_words"):
+            _positive("synthetic", name, getattr(self, name))
+        if self.max_words < self.min_words:
+            raise ConfigError(f"synthetic.max_words={self.max_words} must be >= synthetic.min_words={self.min_words}")
+        _fraction("synthetic", "p_key", self.p_key)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preference data in TRL's formats, from a local JSON/JSONL/Parquet file or a hub dataset id."""
+
+    path: str = ""
+    """Local file or hub id. Empty: the synthetic task's pairs."""
+    split: str = "train"
+    """Split to read from a hub dataset (local files have one split)."""
+    format: str = "auto"
+    """standard (prompt/chosen/rejected strings), conversational (message lists), implicit (no prompt), auto."""
+    max_length: int = 256
+    """Longest prompt+response in tokens; longer responses are truncated (from the end, EOS dropped)."""
+    max_prompt_length: int = 128
+    """Longest prompt in tokens. A longer prompt is never cut silently: it is an error or a skip (on_bad_row)."""
+    on_bad_row: str = "error"
+    """error: stop at the first malformed row naming file, row, field. skip: drop and count it."""
+    heldout_fraction: float = 0.05
+    """Fraction of pairs held out of every training stage, for implicit-reward accuracy."""
+    seed: int = 0
+    """Seed of the held-out split."""
+
+    def __post_init__(self) -> None:
+        _choice("data", "format", self.format, ("auto", "standard", "conversational", "implicit"))
+        _choice("data", "on_bad_row", self.on_bad_row, ("error", "skip"))
+        _positive("data", "max_length", self.max_length)
+        _positive("data", "max_prompt_length", self.max_prompt_length)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length={self.max_prompt_length} must be < data.max_length={self.max_length}"
+            )
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"data.heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A causal LM: a local directory or a hub id, or (empty path) a tiny model built from the fields below."""
+
+    path: str = ""
+    """Local directory or hub id. Empty: build a tiny model (synthetic task, tests)."""
+    dtype: str = "auto"
+    """Weights dtype when loading: auto (bf16 where the device does it fast, else fp32), bf16, fp32."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Off: only transformers' own architectures."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    tiny_arch: str = "llama"
+    """Tiny model architecture: llama or qwen2."""
+    tiny_hidden_size: int = 64
+    """Tiny model width."""
+    tiny_layers: int = 2
+    """Tiny model depth."""
+    tiny_heads: int = 4
+    """Tiny model attention heads."""
+    seed: int = 0
+    """Seed of the tiny model's initial weights."""
+
+    def __post_init__(self) -> None:
+        _choice("model", "dtype", self.dtype, PRECISIONS)
+        _choice("model", "tiny_arch", self.tiny_arch, ("llama", "qwen2"))
+        _positive("model", "lora_r", self.lora_r, allow_zero=True)
+        for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads"):
+            _positive("model", name, getattr(self, name))
+        if self.tiny_hidden_size % self.tiny_heads:
+            raise ConfigError(
+                f"model.tiny_hidden_size={self.tiny_hidden_size} must be divisible by model.tiny_heads={self.tiny_heads}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: optimisation, precision, checkpoints, logging."""
+
+    max_steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Pairs (or SFT sequences) per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 5e-4
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """Linear warmup steps, then linear decay to 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables."""
+    precision: str = "auto"
+    """auto (bf16 autocast where the device supports it), bf16, fp32."""
+    seed: int = 0
+    """Seed of data order and dropout."""
+    save_every: int = 50
+    """Checkpoint (weights, optimizer, scheduler, RNG, data position) every N steps; 0 only at the end."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    report_to: str = "tensorboard"
+    """tensorboard (offline, under the stage dir), wandb, or none."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every"):
+            _positive("train", name, getattr(self, name))
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "save_every"):
+            _positive("train", name, getattr(self, name), allow_zero=True)
+        _choice("train", "precision", self.precision, PRECISIONS)
+        _choice("train", "report_to", self.report_to, ("tensorboard", "wandb", "none"))
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning that makes the reference model (and the policy's start)."""
+
+    enabled: bool = True
+    """False: the model paths are already SFT models and are used as they are."""
+    train: TrainConfig = TrainConfig(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=20)
+    """Training settings of SFT."""
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    """The oracle: DPO (or IPO/SimPO) from the reference on a random subset of the preference data."""
+
+    loss: str = "dpo"
+    """dpo, ipo or simpo."""
+    beta: float = 0.1
+    """Loss temperature (SimPO uses its own scale: 2.0 is typical)."""
+    subset_fraction: float = 0.5
+    """Fraction of the training pairs the oracle sees (ignored when subset_count > 0)."""
+    subset_count: int = 0
+    """Exact number of training pairs the oracle sees; 0 uses subset_fraction."""
+    subset_seed: int = 0
+    """Seed of the subset draw."""
+    train: TrainConfig = TrainConfig(max_steps=150, batch_size=16, lr=1e-3)
+    """Training settings of the oracle."""
+
+    def __post_init__(self) -> None:
+        _choice("oracle", "loss", self.loss, ORACLE_LOSSES)
+        _positive("oracle", "beta", self.beta)
+        _fraction("oracle", "subset_fraction", self.subset_fraction)
+        _positive("oracle", "subset_count", self.subset_count, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Offline token scoring: r_t = beta * (log pi_oracle - log pi_ref), written to Parquet shards."""
+
+    beta: float = 1.0
+    """Scale of the stored reward (rankings do not depend on it; the raw log-ratio is stored too)."""
+    batch_tokens: int = 8192
+    """Token budget of one forward batch (padded tokens counted)."""
+    shard_rows: int = 1024
+    """Responses per Parquet shard (the unit of resume)."""
+    precision: str = "auto"
+    """auto (bf16 where the device does it fast), bf16, fp32. Log-softmax is always fp32."""
+    one_model_at_a_time: bool = False
+    """Load oracle and reference in turn (half the memory, two passes) instead of side by side."""
+
+    def __post_init__(self) -> None:
+        _positive("score", "beta", self.beta)
+        _positive("score", "batch_tokens", self.batch_tokens)
+        _positive("score", "shard_rows", self.shard_rows)
+        _choice("score", "precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Key-token selection from the stored token rewards."""
+
+    rule: str = "topk"
+    """topk: SePO's per-response top k_chosen / bottom k_rejected. global: one dataset-wide threshold per side."""
+    k_chosen: float = 0.3
+    """Fraction of chosen-response tokens kept (highest reward)."""
+    k_rejected: float = 0.3
+    """Fraction of rejected-response tokens kept (lowest reward)."""
+
+    def __post_init__(self) -> None:
+        _choice("select", "rule", self.rule, ("topk", "global"))
+        _fraction("select", "k_chosen", self.k_chosen)
+        _fraction("select", "k_rejected", self.k_rejected)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Policy training. `methods` lists what the pipeline trains (each from the same scores)."""
+
+    methods: tuple[str, ...] = ("sepo", "dpo")
+    """Methods to train, each into its own stage directory: sepo, dpo, ipo, simpo, selective_dpo, tdpo1, tdpo2, tso."""
+    beta: float = 0.1
+    """DPO-family temperature (dpo, ipo, tdpo1/2, selective_dpo, tso)."""
+    label_smoothing: float = 0.0
+    """cDPO label smoothing for dpo."""
+    sepo_gamma: float = 1.0
+    """SePO scale of the mean selected log-prob (the official code uses 1; the paper searches 2.1-2.5)."""
+    sepo_margin: float = 0.0
+    """SePO margin lambda (official code: 0)."""
+    simpo_beta: float = 2.0
+    """SimPO beta."""
+    simpo_gamma_beta_ratio: float = 0.5
+    """SimPO gamma / beta."""
+    tdpo_alpha: float = 0.5
+    """TDPO2 alpha."""
+    sdpo_quantile: float = 0.6
+    """Selective-DPO per-sequence quantile (0.6 keeps about the top 40%)."""
+    sdpo_reference: str = ""
+    """Selective-DPO scorer/anchor model dir or hub id; empty uses the reference (may be larger than the policy)."""
+    tso_chosen_reward_max: float = 5.0
+    """TSO dual clip: chosen implicit reward is capped above at this value."""
+    tso_rejected_reward_min: float = -5.0
+    """TSO dual clip: rejected implicit reward is floored below at this value."""
+    ref_logps_from_scores: bool = True
+    """dpo/ipo/tso/selective_dpo read the reference log-probs from the scoring Parquet (no reference forward)."""
+    train: TrainConfig = TrainConfig(max_steps=120, batch_size=16, lr=5e-4)
+    """Training settings of every policy method (equal steps and data for a fair comparison)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, str):  # a single method from YAML or an override
+            object.__setattr__(self, "methods", (self.methods,))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.methods:
+            raise ConfigError(f"policy.methods is empty; choose from {', '.join(POLICY_METHODS)}")
+        for method in self.methods:
+            _choice("policy", "methods", method, POLICY_METHODS)
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"policy.methods={list(self.methods)} lists a method twice")
+        _positive("policy", "beta", self.beta)
+        _positive("policy", "simpo_beta", self.simpo_beta)
+        _fraction("policy", "sdpo_quantile", self.sdpo_quantile, allow_zero=True)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"policy.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.tso_rejected_reward_min >= self.tso_chosen_reward_max:
+            raise ConfigError("policy.tso_rejected_reward_min must be < policy.tso_chosen_reward_max")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Answer a benchmark's prompts with the trained policy."""
+
+    backend: str = "auto"
+    """auto (vLLM when it is installed and a GPU is present, else transformers), vllm, transformers."""
+    prompts: str = ""
+    """Prompt file (JSON/JSONL/Parquet) or hub id; empty: the synthetic task's held-out prompts."""
+    benchmark: str = "plain"
+    """Output format: plain (generations.jsonl only), alpaca_eval, arena_hard, mt_bench."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 48
+    """Longest answer in tokens."""
+    n: int = 1
+    """Samples per prompt."""
+    seed: int = 0
+    """Sampling seed (same seed, same answers, per backend)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings (the stop string is not included in the answer)."""
+    batch_size: int = 32
+    """Prompts per generate call (transformers backend)."""
+    vllm_python: str = ".venv-vllm/bin/python"
+    """Python of the separate vLLM venv (make vllm-env); generation runs there as a subprocess."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallel GPUs."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        _choice("generate", "backend", self.backend, ("auto", "vllm", "transformers"))
+        _choice("generate", "benchmark", self.benchmark, ("plain", "alpaca_eval", "arena_hard", "mt_bench"))
+        _positive("generate", "temperature", self.temperature, allow_zero=True)
+        _fraction("generate", "top_p", self.top_p)
+        for name in ("max_new_tokens", "n", "batch_size", "tensor_parallel_size"):
+            _positive("generate", name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Offline evaluation of generations and of held-out pairs."""
+
+    reward_model: str = ""
+    """HF sequence-classification reward model (dir or hub id) for real data; empty on the synthetic task."""
+    baseline_answers: str = ""
+    """Baseline's generations.jsonl for a pairwise win rate under the reward model."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+
+    def __post_init__(self) -> None:
+        _positive("evaluate", "batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole pipeline run: sft? -> oracle -> score -> select -> policy (per method) -> generate -> evaluate."""
+
+    name: str = "demo"
+    """Run name: artifacts go to <runs_dir>/<name>/."""
+    runs_dir: str = "runs"
+    """Root directory of all runs."""
+    synthetic: SyntheticConfig = SyntheticConfig()
+    data: DataConfig = DataConfig()
+    reference: ModelConfig = ModelConfig()
+    """The reference: starting point of SFT (if enabled), of the oracle, and the anchor of scoring."""
+    policy_model: ModelConfig = ModelConfig()
+    """The policy's starting point; identical to `reference` unless weak-to-strong (e.g. a larger model)."""
+    sft: SFTConfig = SFTConfig()
+    oracle: OracleConfig = OracleConfig()
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig = SelectConfig()
+    policy: PolicyConfig = PolicyConfig()
+    generate: GenerateConfig = GenerateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    fail_stage: str = ""
+    """Testing aid: raise in this stage (after its inputs load) to exercise resume. Not part of any cache key."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name={self.name!r} must be a non-empty name without '/'")
+        if self.fail_stage:
+            _choice("run", "fail_stage", self.fail_stage, STAGES)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+def _resolve_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
+    """Build a (nested) config dataclass from plain values, rejecting unknown keys by name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(values).__name__}")
+    hints = _resolve_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known keys: {', '.join(sorted(names))}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            # A partial section overrides the field's own default (e.g. oracle.train's), not the class defaults.
+            default = defaults[key]
+            base = to_dict(default) if dataclasses.is_dataclass(default) else {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} must be a mapping, got {value!r}")
+            kwargs[key] = from_dict(hint, _deep_merge(base, value), where=path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return tuple(str(item) for item in items)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType):
+        return value
+    raise ConfigError(f"{path}: unsupported config type {hint!r}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config dataclass, suitable for YAML and JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def parse_overrides(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """`["policy.beta=0.2", "policy.methods=[sepo,dpo]"]` or a flat dict -> nested dict (values YAML-parsed)."""
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        pairs = list(overrides.items())
+    else:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.field=value")
+            key, raw = item.split("=", 1)
+            pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    nested: dict[str, Any] = {}
+    for key, value in pairs:
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config (None: all defaults, i.e. the synthetic demo), apply overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if overrides:
+        values = _deep_merge(values, parse_overrides(overrides))
+    return from_dict(RunConfig, values)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def load_config(cls: type, path: str | Path) -> Any:
+    return from_dict(cls, yaml.safe_load(Path(path).read_text()) or {})
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """dataclasses.replace that re-runs validation (it does: __post_init__ is called)."""
+    return dataclasses.replace(config, **changes)
+
+
+__all__ = [
+    "ConfigError", "SyntheticConfig", "DataConfig", "ModelConfig", "TrainConfig", "SFTConfig", "OracleConfig",
+    "ScoreConfig", "SelectConfig", "PolicyConfig", "GenerateConfig", "EvaluateConfig", "RunConfig",
+    "load_run_config", "save_config", "load_config", "to_dict", "from_dict", "parse_overrides", "field",
+]

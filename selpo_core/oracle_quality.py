@@ -1,0 +1,66 @@
+"""How well token rewards find the key tokens, measured against the synthetic task's ground truth."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN if a class is empty."""
+    scores_array = np.asarray(scores, dtype=np.float64)
+    labels_array = np.asarray(labels, dtype=bool)
+    n_pos = int(labels_array.sum())
+    n_neg = labels_array.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores_array, kind="mergesort")
+    sorted_scores = scores_array[order]
+    ranks = np.empty_like(sorted_scores)
+    # Average ranks over runs of equal scores, so ties count one half.
+    _, starts, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(starts, counts):
+        ranks[start:start + count] = start + (count + 1) / 2.0
+    rank_of = np.empty_like(ranks)
+    rank_of[order] = ranks
+    rank_sum = rank_of[labels_array].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def token_auroc(chosen_rewards: Sequence[float], chosen_labels: Sequence[int],
+                rejected_rewards: Sequence[float], rejected_labels: Sequence[int]) -> dict[str, float]:
+    """AUROC of positive key vs filler tokens in chosen responses (higher reward = key), of negative key vs
+    filler in rejected responses (lower reward = key), and of both pooled. Labels are +1/-1/0 per token."""
+    chosen_r = np.asarray(chosen_rewards, dtype=np.float64)
+    chosen_l = np.asarray(chosen_labels)
+    rejected_r = np.asarray(rejected_rewards, dtype=np.float64)
+    rejected_l = np.asarray(rejected_labels)
+    chosen_keep = chosen_l >= 0
+    rejected_keep = rejected_l <= 0
+    positive = auroc(chosen_r[chosen_keep], chosen_l[chosen_keep] == 1)
+    negative = auroc(-rejected_r[rejected_keep], rejected_l[rejected_keep] == -1)
+    pooled = auroc(np.concatenate([chosen_r[chosen_keep], -rejected_r[rejected_keep]]),
+                   np.concatenate([chosen_l[chosen_keep] == 1, rejected_l[rejected_keep] == -1]))
+    return {"token_auroc": pooled, "token_auroc_positive": positive, "token_auroc_negative": negative}
+
+
+def selection_precision(chosen_selected: Sequence[bool], chosen_labels: Sequence[int],
+                        rejected_selected: Sequence[bool], rejected_labels: Sequence[int]) -> dict[str, float]:
+    """Fraction of selected chosen tokens that are positive keys, of selected rejected tokens that are negative
+    keys, and pooled; plus the base rates a random selection would get."""
+    chosen_sel = np.asarray(chosen_selected, dtype=bool)
+    rejected_sel = np.asarray(rejected_selected, dtype=bool)
+    chosen_hit = np.asarray(chosen_labels) == 1
+    rejected_hit = np.asarray(rejected_labels) == -1
+    hits = chosen_hit[chosen_sel].sum() + rejected_hit[rejected_sel].sum()
+    n_selected = chosen_sel.sum() + rejected_sel.sum()
+    return {
+        "selection_precision": float(hits / n_selected) if n_selected else float("nan"),
+        "selection_precision_chosen": float(chosen_hit[chosen_sel].mean()) if chosen_sel.any() else float("nan"),
+        "selection_precision_rejected": (
+            float(rejected_hit[rejected_sel].mean()) if rejected_sel.any() else float("nan")
+        ),
+        "selection_precision_chance": float((chosen_hit.sum() + rejected_hit.sum())
+                                            / max(1, chosen_hit.size + rejected_hit.size)),
+    }
