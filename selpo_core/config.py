@@ -434,7 +434,15 @@ def from_dict(cls: type, values: dict[str, Any], *, where: str = "") -> Any:
             kwargs[key] = from_dict(hint, _deep_merge(base, value), where=path)
         else:
             kwargs[key] = _coerce(value, hint, path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # Validation names its section ("train.lr"); give the full path ("oracle.train.lr").
+        message = str(err)
+        short = where.rsplit(".", 1)[-1]
+        if where and where != short and message.startswith(short + "."):
+            message = where + message[len(short):]
+        raise ConfigError(message) from None
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:

@@ -113,8 +113,10 @@ def prepare_data(cfg: RunConfig, task_dir: Path | None) -> Path:
 def _write_examples(path: Path, examples: list[Any]) -> None:
     with open(path, "w") as handle:
         for example in examples:
+            # The source row travels along so tokenize-time errors still name it.
             handle.write(json.dumps({"example_id": example.example_id, "prompt": example.prompt,
-                                     "chosen": example.chosen, "rejected": example.rejected}) + "\n")
+                                     "chosen": example.chosen, "rejected": example.rejected,
+                                     "row": example.row}) + "\n")
 
 
 def read_examples(path: Path) -> list[Any]:
@@ -125,9 +127,9 @@ def read_examples(path: Path) -> list[Any]:
 
 
 def _report_dict(report: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {f"data/{k}": v for k, v in dataclasses.asdict(report).items()} if report is not None else {}
+    metrics = {"data/n_rows": report.n_rows, "data/n_kept": report.n_kept, "data/format": report.format}
+    metrics.update({f"data/skipped/{reason}": count for reason, count in report.skipped.items()})
+    return metrics
 
 
 def _replace(config: Any, **changes: Any) -> Any:
@@ -139,26 +141,14 @@ def _replace(config: Any, **changes: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def _tokenizer_source(model_cfg: ModelConfig, data_dir: Path) -> str:
-    if model_cfg.path:
-        return model_cfg.path
-    if (data_dir / "task.json").is_file():
-        return str(_task_tokenizer_dir(data_dir))
-    raise ValueError("model path is empty and the data has no built-in tokenizer: set reference.path")
-
-
-def _task_tokenizer_dir(data_dir: Path) -> Path:
-    task = json.loads((data_dir / "task.json").read_text())
-    return Path(task["tokenizer_dir"]) if "tokenizer_dir" in task else data_dir / "tokenizer"
-
-
 def _init_model(model_cfg: ModelConfig, data_dir: Path, task_dir: Path | None) -> tuple[Any, Any]:
     """The starting weights: a real checkpoint, or a tiny model over the synthetic task's tokenizer."""
     from selpo_core import models
 
     if model_cfg.path:
         tokenizer = models.load_tokenizer(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
-        model = models.load_model(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+        # fp32 master weights: training uses bf16 autocast, never bf16 weights.
+        model = models.load_model(model_cfg.path, dtype=_fp32(), trust_remote_code=model_cfg.trust_remote_code)
     else:
         if task_dir is None:
             raise ValueError("model path is empty and there is no synthetic task: set reference.path")
@@ -234,18 +224,13 @@ def train_oracle(cfg: RunConfig, data_dir: Path, reference_dir: Path) -> Path:
         params = MethodParams(method=cfg.oracle.loss, beta=cfg.oracle.beta, simpo_beta=cfg.oracle.beta)
         result = train(model, make_preference_step(params, ref_model), pairs,
                        lambda batch: data.collate_pairs(batch, tokenizer.pad_token_id),
-                       [_pair_length(p) for p in pairs], cfg.oracle.train, out.partial_dir / "checkpoints",
+                       [pair.length for pair in pairs], cfg.oracle.train, out.partial_dir / "checkpoints",
                        log_dir=out.work_dir / "tb", desc="oracle")
         models.save_model_dir(model, tokenizer, out.work_dir / "model")
         save_config(cfg.oracle, out.work_dir / "config.yaml")
         out.metrics.update({"n_pairs": len(pairs), **_train_metrics(result, models.count_parameters(model))})
 
     return run_stage(cfg, "oracle", section, {"data": data_dir, "reference": reference_dir}, body)
-
-
-def _pair_length(pair: Any) -> int:
-    prompt = len(pair.prompt_ids)
-    return prompt + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
 def _model_dir(path: str | Path) -> Path:
@@ -393,7 +378,7 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
             return data.collate_pairs(batch, tokenizer.pad_token_id, **_pair_extras(batch, extras))
 
         result = train(model, make_preference_step(params, ref_model), pairs, collate,
-                       [_pair_length(pair) for pair in pairs], p.train, out.partial_dir / "checkpoints",
+                       [pair.length for pair in pairs], p.train, out.partial_dir / "checkpoints",
                        log_dir=out.work_dir / "tb", desc=f"policy {method}")
         models.save_model_dir(model, tokenizer, out.work_dir / "model")
         save_config(cfg.policy, out.work_dir / "config.yaml")

@@ -1,0 +1,261 @@
+"""Per-token log-probabilities, masked reductions and the chunked full-vocabulary KL.
+
+This is THE one module that shifts logits against labels (docs/CONTRACTS.md): every per-token tensor it
+returns is aligned to `input_ids`, i.e. `out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`, is float32,
+and is exactly 0 outside `loss_mask`. Position 0 has no prediction, so a `loss_mask` that is True there is
+rejected rather than silently zeroed.
+
+Memory: the log-softmax is taken in float32 only at the rows that predict a masked token, `chunk_size` rows
+at a time, so no float32 copy of the whole [B, T, V] logits ever exists. When gradients are on, each chunk
+is wrapped in activation checkpointing: otherwise autograd would keep every chunk's [chunk, V] float32
+log-softmax alive until backward and the chunking would only bound the forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Causal-LM families whose forward is exactly `lm_head(decoder(...).last_hidden_state)` in transformers 5
+# (checked by reading each `*ForCausalLM.forward`). Others (Granite divides logits, Cohere multiplies,
+# MiniCPM3 rescales hidden states, Gemma2/3 soft-cap...) would silently get wrong log-probs from the fast
+# path, so anything not listed here takes the slower, always-correct full-logits path.
+FAST_PATH_MODEL_TYPES: frozenset[str] = frozenset(
+    {
+        "deepseek_v3", "gemma", "glm4", "gpt2", "gpt_neox", "llama", "ministral", "mistral", "mixtral",
+        "olmo", "olmo2", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3", "stablelm",
+        "starcoder2",
+    }
+)  # fmt: skip
+
+# Config fields that transform logits after the LM head; belt and braces on top of the allow-list.
+_LOGIT_TRANSFORM_FIELDS: tuple[str, ...] = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+# Wrappers whose own forward must run (gradient sync, unsharding of root parameters): calling the inner
+# decoder directly would bypass it. FSDP forwards attribute lookups to the wrapped module, so we cannot
+# rely on `get_decoder` being absent; match class names to avoid importing torch.distributed here.
+_DISTRIBUTED_WRAPPERS: frozenset[str] = frozenset(
+    {"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
+)
+
+RowFn = Callable[..., tuple[Tensor, ...]]
+Head = Callable[[Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """Sum of `values` [B, T] over True positions of the bool `mask` [B, T] -> float32 [B].
+
+    `torch.where` (not multiplication) so that NaN/-inf stored outside the mask cannot leak in.
+    """
+    return torch.where(mask, values.float(), 0.0).sum(dim=-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` [B, T] over True positions of `mask` -> float32 [B]; an empty row gives 0, not NaN."""
+    count = mask.sum(dim=-1).clamp(min=1)
+    return masked_sum(values, mask) / count
+
+
+def split_pair(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Split a pair batch [2B, ...] into (chosen [B, ...], rejected [B, ...]) (rows 0..B-1 are chosen)."""
+    if x.shape[0] % 2:
+        raise ValueError(f"a pair batch needs an even first dimension (chosen, rejected); got {x.shape[0]}")
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def _target_positions(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(batch index, time index) of every masked target token, in row-major order."""
+    if loss_mask.dtype != torch.bool:
+        raise TypeError(f"loss_mask must be a bool tensor (masks decide what is real), got {loss_mask.dtype}")
+    if loss_mask.shape != input_ids.shape or loss_mask.dim() != 2:
+        shapes = f"{tuple(loss_mask.shape)} vs {tuple(input_ids.shape)}"
+        raise ValueError(f"loss_mask and input_ids must both be [B, T] with the same shape, got {shapes}")
+    if loss_mask.shape[1] and bool(loss_mask[:, 0].any()):
+        raise ValueError("loss_mask is True at position 0, which has no prediction (responses need a prompt)")
+    batch_idx, time_idx = loss_mask.nonzero(as_tuple=True)
+    return batch_idx, time_idx
+
+
+def _gather_target_logp(logits: Tensor, targets: Tensor) -> Tensor:
+    # fp32 log_softmax: bf16 log-probs of confident tokens round to 0 and change token selections.
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _map_row_chunks(
+    fn: RowFn,
+    sources: tuple[Tensor, ...],
+    batch_idx: Tensor,
+    time_idx: Tensor,
+    targets: Tensor,
+    chunk_size: int,
+) -> list[Tensor]:
+    """Run `fn(*rows, targets)` on `chunk_size` predicting rows at a time; return its outputs concatenated.
+
+    The row that predicts token t is at t-1 in each source ([B, T, D]: hidden states or logits).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    pieces: list[tuple[Tensor, ...]] = []
+    for start in range(0, batch_idx.numel(), chunk_size):
+        sl = slice(start, start + chunk_size)
+        rows = [s[batch_idx[sl].to(s.device), time_idx[sl].to(s.device) - 1] for s in sources]
+        args = (*rows, targets[sl].to(rows[0].device))
+        if torch.is_grad_enabled():
+            # Recompute the [chunk, V] logits in backward instead of storing them: keeps peak memory
+            # O(chunk * V) in training too, at the price of one extra LM-head matmul per chunk.
+            pieces.append(checkpoint(fn, *args, use_reentrant=False))
+        else:
+            pieces.append(fn(*args))
+    return [torch.cat(parts) for parts in zip(*pieces, strict=True)]
+
+
+def _scatter(values: Tensor, batch_idx: Tensor, time_idx: Tensor, like: Tensor) -> Tensor:
+    """Place [N] values at (batch_idx, time_idx) of float32 zeros shaped like `like`; differentiable."""
+    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    dev = like.device
+    return out.index_put((batch_idx.to(dev), time_idx.to(dev)), values.to(dev))
+
+
+# ------------------------------------------------------------------------------------- per-token log-probs
+
+
+def shifted_per_token_logps(
+    logits: Tensor, input_ids: Tensor, loss_mask: Tensor, *, chunk_size: int = 4096
+) -> Tensor:
+    """Per-token log-probs [B, T] float32 from full logits [B, T, V], aligned to `input_ids`, 0 off-mask.
+
+    Only the rows `logits[b, t-1]` predicting a masked token t are gathered and log-softmaxed (float32,
+    `chunk_size` rows at a time); prompt and padding rows are never touched.
+    """
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    batch_idx, time_idx = _target_positions(input_ids, loss_mask)
+    if batch_idx.numel() == 0:
+        return torch.zeros(input_ids.shape, dtype=torch.float32, device=loss_mask.device)
+    targets = input_ids[batch_idx, time_idx]
+
+    def rows_to_logps(rows: Tensor, tgt: Tensor) -> tuple[Tensor]:
+        return (_gather_target_logp(rows, tgt),)
+
+    (logps,) = _map_row_chunks(rows_to_logps, (logits,), batch_idx, time_idx, targets, chunk_size)
+    return _scatter(logps, batch_idx, time_idx, loss_mask)
+
+
+def _uses_fast_path(model: Any) -> bool:
+    if any(cls.__name__ in _DISTRIBUTED_WRAPPERS for cls in type(model).__mro__):
+        return False
+    # PEFT prompt learning (prompt/prefix tuning) injects virtual tokens in PeftModel.forward; LoRA lives
+    # inside the modules and is fine.
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in FAST_PATH_MODEL_TYPES:
+        return False
+    configs = [config]
+    if callable(getattr(config, "get_text_config", None)):
+        configs.append(config.get_text_config())
+    return not any(getattr(c, f, None) is not None for c in configs for f in _LOGIT_TRANSFORM_FIELDS)
+
+
+def _final_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Head]:
+    """(states [B, T, D], head) with `head(states[rows]) == model(...).logits[rows]`.
+
+    Fast path: final hidden states + the LM head, so logits are only ever made for the rows we need.
+    Fallback: the full logits with an identity head.
+    """
+    if _uses_fast_path(model):
+        get_decoder = getattr(model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else getattr(model, "model", None)
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        # get_decoder() returns the model itself when it finds nothing: that would give logits, not states.
+        if decoder is not None and decoder is not model and head is not None:
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            return hidden, head
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits, _identity
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def model_per_token_logps(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, *, chunk_size: int = 4096
+) -> Tensor:
+    """Per-token log-probs [B, T] float32 of a causal LM, aligned to `input_ids`, 0 outside `loss_mask`.
+
+    For the families in `FAST_PATH_MODEL_TYPES` the LM head is applied only to the hidden states that
+    predict masked tokens (skipping prompt and padding: a large saving when scoring long prompts with big
+    vocabularies). Other models, soft-capped/scaled logits and distributed wrappers (DDP/FSDP/DeepSpeed,
+    whose own forward must run) use the full `model(...).logits`. Differentiable; pass the wrapped model.
+    """
+    batch_idx, time_idx = _target_positions(input_ids, loss_mask)
+    if batch_idx.numel() == 0:
+        return torch.zeros(input_ids.shape, dtype=torch.float32, device=loss_mask.device)
+    states, head = _final_states(model, input_ids, attention_mask)
+    targets = input_ids[batch_idx, time_idx]
+
+    def rows_to_logps(rows: Tensor, tgt: Tensor) -> tuple[Tensor]:
+        return (_gather_target_logp(head(rows), tgt),)
+
+    (logps,) = _map_row_chunks(rows_to_logps, (states,), batch_idx, time_idx, targets, chunk_size)
+    return _scatter(logps, batch_idx, time_idx, loss_mask)
+
+
+def model_logps_and_kl(
+    policy_model: Any,
+    ref_model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    loss_mask: Tensor,
+    *,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(policy_logps, ref_logps, kl), each [B, T] float32 and 0 outside `loss_mask`, for TDPO.
+
+    `kl[b, t] = KL(pi_ref(. | x, y_<t) || pi_theta(. | x, y_<t))` over the full vocabulary, at each
+    response position t (the distribution that predicts token t). The reference runs under `no_grad`;
+    gradients flow through the policy only. Both log-softmaxes are float32 and the KL uses the reference
+    log-probs directly (never `softmax().log()`, which gives 0 * -inf = NaN), `chunk_size` positions at a
+    time so the [*, V] temporaries are O(chunk_size * V).
+    """
+    batch_idx, time_idx = _target_positions(input_ids, loss_mask)
+    if batch_idx.numel() == 0:
+        zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=loss_mask.device)
+        return zeros, zeros.clone(), zeros.clone()
+    policy_states, policy_head = _final_states(policy_model, input_ids, attention_mask)
+    with torch.no_grad():
+        ref_states, ref_head = _final_states(ref_model, input_ids, attention_mask)
+    targets = input_ids[batch_idx, time_idx]
+
+    def rows_to_logps_and_kl(policy_rows: Tensor, ref_rows: Tensor, tgt: Tensor) -> tuple[Tensor, ...]:
+        policy_lp = torch.log_softmax(policy_head(policy_rows).float(), dim=-1)
+        with torch.no_grad():
+            ref_lp = torch.log_softmax(ref_head(ref_rows).float(), dim=-1).to(policy_lp.device)
+        if ref_lp.shape != policy_lp.shape:
+            sizes = f"{policy_lp.shape[-1]} vs {ref_lp.shape[-1]}"
+            raise ValueError(f"policy and reference vocabulary sizes differ: {sizes}")
+        ref_p = ref_lp.exp()
+        # Tokens the reference gives probability exactly 0 contribute 0 (the 0 * log 0 = 0 convention).
+        kl = torch.where(ref_p > 0, ref_p * (ref_lp - policy_lp), 0.0).sum(dim=-1)
+        tgt = tgt.unsqueeze(-1)
+        return policy_lp.gather(-1, tgt).squeeze(-1), ref_lp.gather(-1, tgt).squeeze(-1), kl
+
+    policy_logps, ref_logps, kl = _map_row_chunks(
+        rows_to_logps_and_kl, (policy_states, ref_states), batch_idx, time_idx, targets, chunk_size
+    )
+    return (
+        _scatter(policy_logps, batch_idx, time_idx, loss_mask),
+        _scatter(ref_logps, batch_idx, time_idx, loss_mask),
+        _scatter(kl, batch_idx, time_idx, loss_mask),
+    )

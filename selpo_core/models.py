@@ -1,0 +1,229 @@
+"""Models and tokenizers: load (local dir or hub id), dtype/device, LoRA, the frozen reference, tiny models.
+
+A tiny model saved with `save_model_dir` is an ordinary HF directory (safetensors + config + tokenizer), so
+every later stage loads it with `load_model(dir)` exactly like a hub checkpoint and never knows it is tiny.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from selpo_core.config import PRECISIONS, ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# Llama/Qwen/Mistral names of the attention and MLP projections (the LoRA targets when present).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# "name" or "org/name" of letters, digits, '-', '_', '.': anything else (absolute or deeper paths) can only be
+# a local directory, so a missing one is reported as such instead of as a confusing hub lookup failure.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+# Class names transformers writes for a plain fast tokenizer (v5, v4): no model-specific tokenizer code.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer path is neither a local directory nor a loadable hub id."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # oneDNN reports native bf16 matmul (AVX512-BF16 / AMX); without it bf16 is emulated and slower than fp32.
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # private op: absent or raising on some builds -> assume no fast bf16
+        return False
+
+
+def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """`auto`: bf16 where the device does it natively (CUDA with bf16, CPUs with bf16 matmul), else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not allowed; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    device = torch.device(device)
+    if device.type == "cuda":
+        fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if fast else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def _check_source(path: str, what: str) -> bool:
+    """True for a local directory, False for a plausible hub id; a one-line error for anything else."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return True
+    if local.exists():
+        raise ModelLoadError(f"{what} path {path!r} is a file, not a directory or a hub id like org/name")
+    if not _HUB_ID.match(path):
+        raise ModelLoadError(f"{what} path {path!r} does not exist and is not a hub id like org/name")
+    return False
+
+
+def _is_generic_saved_tokenizer(directory: Path) -> bool:
+    """A local dir saved from a generic fast tokenizer (e.g. the synthetic word-level one)."""
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (directory / "tokenizer.json").is_file() and config.get("tokenizer_class") in _GENERIC_TOKENIZERS
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A fast tokenizer (selection transfer and heatmaps need character offsets), with a pad token."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = str(path)
+    is_dir = _check_source(path, "tokenizer")
+    source = str(Path(path).expanduser()) if is_dir else path
+    try:
+        if is_dir and _is_generic_saved_tokenizer(Path(source)):
+            # transformers 5's AutoTokenizer swaps the saved tokenizer of a dir whose config.json says e.g.
+            # qwen2 for that model type's class rebuilt from the vocab: the word-level synthetic tokenizer
+            # silently became a byte-level BPE. Load exactly the saved tokenizer.json instead.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(f"could not load a tokenizer from {path!r}: {str(err).splitlines()[0]}") from err
+    if not tokenizer.is_fast:
+        raise ModelLoadError(
+            f"tokenizer {path!r} is a slow (Python) tokenizer; selpo needs a fast one for character offsets"
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer {path!r} has neither a pad nor an eos token; add a pad token")
+        # Padding is always masked out (attention_mask / loss_mask), so reusing EOS as pad is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer %s has no pad token; using eos %r as pad", path, tokenizer.eos_token)
+    return tokenizer
+
+
+def load_model(
+    cfg_or_path: ModelConfig | str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """AutoModelForCausalLM from a local directory or hub id, in `dtype` (default: the config's `dtype`, or
+    `auto`), on `device` (default: `default_device()`), in eval mode. For training, pass dtype=torch.float32
+    and use autocast: `auto` may give bf16 weights, which lose small optimizer updates."""
+    from transformers import AutoModelForCausalLM
+
+    precision = "auto"
+    if isinstance(cfg_or_path, ModelConfig):
+        if not cfg_or_path.path:
+            raise ValueError("model.path is empty: build a tiny model with build_tiny_model(cfg, tokenizer)")
+        path, precision = cfg_or_path.path, cfg_or_path.dtype
+        trust_remote_code = trust_remote_code or cfg_or_path.trust_remote_code
+    else:
+        path = str(cfg_or_path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype if dtype is not None else resolve_dtype(precision, device)
+    is_dir = _check_source(path, "model")
+    source = str(Path(path).expanduser()) if is_dir else path
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if is_dir and any(Path(source).glob("*.safetensors")):
+        kwargs["use_safetensors"] = True  # never fall back to unpickling a .bin beside it
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not load a model from {path!r}: {str(err).splitlines()[0]}") from err
+    return model.to(device).eval()
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A small Llama- or Qwen2-style causal LM from `cfg.tiny_*`, fp32 on CPU, seeded by `cfg.seed`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = {
+        "vocab_size": len(tokenizer),  # len() counts added tokens, unlike tokenizer.vocab_size
+        "hidden_size": cfg.tiny_hidden_size,
+        # 4x like GPT-2 rather than Llama's 8/3x: at this width the extra MLP capacity is cheap and helps.
+        "intermediate_size": 4 * cfg.tiny_hidden_size,
+        "num_hidden_layers": cfg.tiny_layers,
+        "num_attention_heads": cfg.tiny_heads,
+        "num_key_value_heads": cfg.tiny_heads,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,  # at vocab ~300 x hidden 64 the head would be a big share of the weights
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[cfg.tiny_arch]
+    # A private RNG scope: the same seed gives identical weights, and the caller's global RNG is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = model_cls(config_cls(**common))
+    return model
+
+
+def maybe_apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> Any:
+    """A peft LoRA model on the attention and MLP projections when `cfg.lora_r > 0`; else `model`."""
+    if cfg.lora_r <= 0:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        return model
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets: list[str] | str = [t for t in LORA_TARGETS if t in names] or "all-linear"  # other architectures
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: seed them like the tiny model
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(model, lora)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode with no gradients: the reference model."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def save_model_dir(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """save_pretrained (safetensors) + tokenizer. A LoRA model is saved merged, as a plain model, so the
+    directory loads anywhere without peft; the caller's (still training) LoRA model is left unmerged."""
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model = copy.deepcopy(model).merge_and_unload()  # merge a copy: merge_and_unload edits in place
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters (tied weights counted once, as `parameters()` de-duplicates them)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "LORA_TARGETS", "ModelLoadError", "default_device", "resolve_dtype", "load_tokenizer", "load_model",
+    "build_tiny_model", "maybe_apply_lora", "frozen_copy", "save_model_dir", "count_parameters",
+]

@@ -1,0 +1,341 @@
+"""The one training loop of selpo: SFT, oracle and every policy method differ only in their `step_fn`.
+
+accelerate supplies devices, bf16 autocast, gradient accumulation, DDP (torchrun / accelerate launch) and
+checkpoint (de)serialisation; this file owns what accelerate leaves to the caller: the data order, the
+schedule, metrics, and exact resume.
+
+Data order: every epoch has a deterministic plan of *global* batches (`length_bucketed_batches` seeded with
+`seed + epoch`, batch = batch_size * world_size), and each rank takes its contiguous slice of every global
+batch. So 2 processes x batch 4 see the same examples per micro-step as 1 process x batch 8, and a checkpoint
+only needs (epoch, micro-batch index) to know where the data stream stands. Epochs repeat until `max_steps`
+optimizer steps; one optimizer step consumes `grad_accum` micro-batches, possibly straddling two epochs.
+
+Checkpoints: `checkpoint_dir/step-000123/` = `accelerator.save_state` (weights, optimizer, scheduler, RNG of
+every rank) + `trainer_state.json` (step, data position, seed, last metrics), written under a hidden temp
+name and renamed, so a crash mid-save never looks like a checkpoint. The latest complete one is loaded on
+start; in fp32 a resumed run ends with bit-identical weights to an uninterrupted one (tests check this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import send_to_device, set_seed
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from selpo_core.artifacts import atomic_write_json
+from selpo_core.batching import length_bucketed_batches
+from selpo_core.config import TrainConfig
+
+log = logging.getLogger("selpo.train")
+
+StepFn = Callable[[Any, dict[str, Any]], tuple[Tensor, dict[str, Tensor | float]]]
+KEEP_CHECKPOINTS = 2
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    """Optimizer steps the model has taken in total (== cfg.max_steps once finished)."""
+    final_metrics: dict[str, float]
+    """Metrics of the last logging window (restored from the checkpoint if nothing was left to run)."""
+    tokens_per_second: float
+    """Real (non-padding) tokens of all processes per second of this call's training loop."""
+    seconds: float
+    """Wall time of this call's training loop."""
+    resumed_from_step: int
+    """Step of the checkpoint this call started from; 0 for a fresh run."""
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
+    """LR multiplier of optimizer step `step` (0-based): linear warmup, then linear decay to 0 at max_steps.
+
+    Warmup is (step+1)/(warmup+1) rather than HF's step/warmup, so the first step does not run at lr 0.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+
+def mixed_precision(precision: str, device: torch.device) -> str:
+    """accelerate's mixed_precision for TrainConfig.precision: "bf16" or "no". Weights stay fp32."""
+    from selpo_core.models import resolve_dtype  # models pulls in transformers; only needed here
+
+    return "bf16" if resolve_dtype(precision, device) == torch.bfloat16 else "no"
+
+
+def _cpu_only_multiprocess() -> bool:
+    """torchrun/accelerate launch with several processes and no accelerator device: DDP over gloo on CPU.
+
+    accelerate only goes multi-process on CPU when asked (cpu=True); without it every process would silently
+    train alone on its own shard.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    device_api = getattr(torch, "accelerator", None)  # torch >= 2.6: cuda, xpu, mps, ...
+    return not (device_api.is_available() if device_api is not None else torch.cuda.is_available())
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step (temp dirs of an interrupted save are ignored)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    done = [p for p in checkpoint_dir.iterdir()
+            if _CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def train(model: Any, step_fn: StepFn, items: Sequence[Any], collate: Callable[[list[Any]], dict],
+          lengths: Sequence[int], cfg: TrainConfig, checkpoint_dir: Path, *, log_dir: Path | None,
+          desc: str) -> TrainResult:
+    """Train `model` in place with `step_fn(model, batch) -> (loss, metrics)`; resume from `checkpoint_dir`.
+
+    `collate(list_of_items) -> dict` builds one micro-batch (CPU tensors are fine: they are moved to the
+    device here); `lengths[i]` is the padded-length proxy of `items[i]` used to bucket batches. Metrics
+    from step_fn are averaged over `log_every` steps and logged under their own names next to the loop's
+    loss, lr, grad_norm, tokens_per_second, pad_fraction and epoch.
+    """
+    if len(items) != len(lengths):
+        raise ValueError(f"{desc}: {len(items)} items but {len(lengths)} lengths")
+    checkpoint_dir = Path(checkpoint_dir)
+    if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise RuntimeError("train.report_to=wandb but wandb is not installed: pip install 'selpo[wandb]'")
+    tracker = None if cfg.report_to == "none" or (cfg.report_to == "tensorboard" and log_dir is None) \
+        else cfg.report_to
+    cpu = _cpu_only_multiprocess()
+    state = PartialState(cpu=cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise RuntimeError(f"{launched} processes were launched but accelerate sees {state.num_processes}: "
+                           "each would train alone. Was a PartialState/Accelerator created before train() "
+                           "without cpu=True?")
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision(cfg.precision, state.device),
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=tracker,
+        project_dir=str(log_dir) if log_dir is not None else None,
+        # We step the scheduler once per optimizer step ourselves: a prepared scheduler would otherwise step
+        # num_processes times per step (accelerate assumes per-process batches shrink the epoch).
+        step_scheduler_with_optimizer=False,
+    )
+    if tracker is not None:  # trackers live on the main process only (accelerate checks)
+        run_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", desc).strip("_") or "train"
+        config = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes}
+        accelerator.init_trackers(run_name, config=config, init_kwargs={"wandb": {"name": desc}})
+    try:
+        return _train(accelerator, model, step_fn, items, collate, lengths, cfg, checkpoint_dir, desc)
+    finally:
+        # Not accelerator.end_training(): besides finishing trackers it destroys the process group, after
+        # which a second train() in the same torchrun process (or the caller's own barrier) would fail.
+        for handle in accelerator.trackers:
+            handle.finish()
+        accelerator.free_memory()
+        # accelerate keeps its config in process-wide singletons that refuse to change (e.g. bf16 -> fp32);
+        # reset them so train() can run again in this process. PartialState (device, process group) stays.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train(accelerator: Accelerator, model: Any, step_fn: StepFn, items: Sequence[Any],
+           collate: Callable[[list[Any]], dict], lengths: Sequence[int], cfg: TrainConfig,
+           checkpoint_dir: Path, desc: str) -> TrainResult:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    global_batch = cfg.batch_size * world
+    set_seed(cfg.seed)  # dropout etc.; a resume then overwrites every RNG with the checkpoint's
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    step, epoch, micro, last_metrics = 0, 0, 0, {}
+    if (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
+        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        if (state["seed"], state["global_batch"]) != (cfg.seed, global_batch):
+            raise ValueError(f"{desc}: checkpoint {ckpt} was made with seed={state['seed']}, global batch "
+                             f"{state['global_batch']}; this run has seed={cfg.seed}, global batch "
+                             f"{global_batch} (its data order would differ). Use a fresh checkpoint_dir.")
+        accelerator.load_state(str(ckpt))  # weights, optimizer, scheduler, every RNG, accelerate's step
+        step, epoch, micro, last_metrics = state["step"], state["epoch"], state["micro_index_in_epoch"], \
+            state.get("metrics", {})
+        log.info("%s: resuming from %s (epoch %d, micro-batch %d)", desc, ckpt.name, epoch, micro)
+    resumed_from = step
+
+    model.train()
+    stream = _micro_batches(lengths, global_batch, world, cfg.seed, epoch, micro)
+    window = _Window(accelerator.device)
+    total_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    started = time.perf_counter()
+    while step < cfg.max_steps:
+        lr = scheduler.get_last_lr()[0]
+        for _ in range(cfg.grad_accum):
+            epoch, micro, n_micro, indices = next(stream)
+            batch = send_to_device(collate([items[i] for i in _rank_slice(indices, rank, world)]),
+                                   accelerator.device)
+            with accelerator.accumulate(model):
+                # The whole step_fn runs under autocast, not only the prepared model's forward: step_fns reach
+                # into the decoder directly (logps fast path) and run frozen reference models.
+                with accelerator.autocast():
+                    loss, metrics = step_fn(model, batch)
+                accelerator.backward(loss)  # divides by grad_accum; DDP syncs only on the last micro-batch
+            total_tokens += window.add_micro(loss, metrics, batch)
+        # accumulate() set sync_gradients on the last micro-batch, so these act (and clip the synced grads).
+        # max_grad_norm 0: clipping at inf multiplies by exactly 1, and we still get the norm to log.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, micro = step + 1, micro + 1  # the data position is now the micro-batch after the one consumed
+        window.add_step(grad_norm, lr)
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            last_metrics = window.flush(accelerator, epoch=epoch + micro / n_micro)
+            accelerator.log(last_metrics, step=step)
+            bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
+                            tok_s=f"{last_metrics['tokens_per_second']:.0f}")
+            if accelerator.is_main_process:
+                log.info("%s step %d/%d %s", desc, step, cfg.max_steps,
+                         " ".join(f"{k}={v:.4g}" for k, v in last_metrics.items()))
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+            _save_checkpoint(accelerator, checkpoint_dir, {
+                "step": step, "epoch": epoch, "micro_index_in_epoch": micro, "seed": cfg.seed,
+                "global_batch": global_batch, "world_size": world, "metrics": last_metrics})
+    bar.close()
+    seconds = time.perf_counter() - started
+    tokens = accelerator.reduce(total_tokens, reduction="sum").item()
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # gives back the caller's forward (no autocast)
+    return TrainResult(steps=step, final_metrics=last_metrics, seconds=seconds,
+                       tokens_per_second=tokens / seconds if seconds else 0.0, resumed_from_step=resumed_from)
+
+
+def _micro_batches(lengths: Sequence[int], global_batch: int, world: int, seed: int, epoch: int,
+                   micro: int) -> Iterator[tuple[int, int, int, list[int]]]:
+    """(epoch, index in epoch, micro-batches in epoch, global batch indices) from a data position onwards.
+
+    A resume starts mid-plan by index: skipped micro-batches are never collated or run.
+    """
+    while True:
+        # A last batch smaller than the world size would leave a rank without data (DDP would hang): drop it.
+        plan = length_bucketed_batches(lengths, global_batch, seed=seed + epoch)
+        plan = [batch for batch in plan if len(batch) >= world]
+        if not plan:
+            raise ValueError(f"{len(lengths)} examples cannot feed {world} processes")
+        for index in range(micro, len(plan)):
+            yield epoch, index, len(plan), plan[index]
+        epoch, micro = epoch + 1, 0
+
+
+def _rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
+    """Contiguous, near-equal slice of a global batch for this rank (exactly batch_size when it is full)."""
+    base, extra = divmod(len(indices), world)
+    start = rank * base + min(rank, extra)
+    return indices[start:start + base + (rank < extra)]
+
+
+class _Window:
+    """Sums since the last log, kept as device tensors so the loop never waits on the GPU between logs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.micro = self.steps = 0
+        self.tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.slots = 0  # padded token slots (rows x padded length)
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.lr = 0.0
+        self.start = time.perf_counter()
+
+    def _add(self, name: str, value: Tensor | float) -> None:
+        value = value.detach().to(self.device, torch.float64) if isinstance(value, Tensor) else float(value)
+        self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def add_micro(self, loss: Tensor, metrics: dict[str, Tensor | float], batch: dict[str, Any]) -> Tensor:
+        """Record one micro-batch; returns its real-token count (attention_mask sum)."""
+        self._add("loss", loss)
+        for name, value in metrics.items():
+            if name != "loss":
+                self._add(name, value)
+        mask = batch.get("attention_mask")
+        if mask is None:  # a batch without padding: every slot is a real token
+            mask = torch.ones_like(batch["input_ids"])
+        real = mask.sum(dtype=torch.float64)
+        self.tokens += real
+        self.slots += mask.numel()
+        self.micro += 1
+        return real
+
+    def add_step(self, grad_norm: Tensor | float | None, lr: float) -> None:
+        if grad_norm is not None:
+            self.grad_norm += torch.as_tensor(grad_norm, dtype=torch.float64).to(self.device)
+        self.lr = lr
+        self.steps += 1
+
+    def flush(self, accelerator: Accelerator, *, epoch: float) -> dict[str, float]:
+        """Average over the window and over processes (one all-reduce), then start a new window."""
+        names = sorted(self.sums)  # same order on every rank: step_fn returns the same keys everywhere
+        def as_tensor(value: Tensor | float) -> Tensor:
+            return torch.as_tensor(value, dtype=torch.float64, device=self.device)
+
+        averages = [as_tensor(self.sums[n]) / self.micro for n in names]
+        grad_norm = self.grad_norm / max(1, self.steps)
+        local = torch.stack([*averages, grad_norm, self.tokens, as_tensor(self.slots)])
+        total = accelerator.reduce(local, reduction="sum").tolist()
+        world = accelerator.num_processes
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        tokens, slots = total[-2], total[-1]
+        out = {name: value / world for name, value in zip(names, total)}
+        out.update(lr=self.lr, grad_norm=total[-3] / world, tokens_per_second=tokens / seconds,
+                   pad_fraction=1.0 - tokens / slots if slots else 0.0, epoch=epoch)
+        self.reset()
+        return out
+
+
+def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: dict[str, Any]) -> None:
+    """save_state into a hidden temp dir, then rename it into place and prune to the last KEEP_CHECKPOINTS."""
+    final = checkpoint_dir / f"step-{state['step']:06d}"
+    tmp = checkpoint_dir / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # rank 0 writes weights/optimizer/scheduler, every rank its RNG file
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / TRAINER_STATE, state)
+        shutil.rmtree(final, ignore_errors=True)  # a stale one from an earlier, unrelated run
+        os.replace(tmp, final)
+        done = sorted((p for p in checkpoint_dir.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name)),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in done[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+        log.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()  # no rank races ahead to a resume/read before the rename
+
+
+__all__ = ["TrainResult", "train", "lr_factor", "mixed_precision", "latest_checkpoint", "KEEP_CHECKPOINTS"]
