@@ -106,7 +106,11 @@ class SamplingSpec:
 
 @dataclass(frozen=True)
 class Completion:
-    """One answer: its text, the tokens generated for it (EOS included), why it ended (eos, stop, length)."""
+    """One answer: its text, the tokens generated for it (EOS included), why it ended (eos, stop, length).
+
+    Backends return these rather than bare strings: token counts give tokens/s and Arena-Hard's token_len,
+    and whether the model ended the answer decides if evaluation scores an EOS after it.
+    """
 
     text: str
     n_tokens: int
@@ -233,12 +237,15 @@ class TransformersBackend:
 
         length = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([p + [pad] * (length - len(p)) for p in prompts], device=self.device)
+        input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=self.device)
         attention = torch.tensor(
             [[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device
         )
         samples = 1 if spec.greedy else spec.n  # greedy samples are all the same answer: compute it once
         criterion = _StopOnStrings(self.tokenizer, spec.stop, length) if spec.stop else None
+        # Every knob is explicit (neutral unless the spec sets it): otherwise the checkpoint's
+        # generation_config.json (top_k=20, repetition_penalty=1.05, ...) fills it in, and the same spec
+        # would sample from another distribution than vLLM's.
         kwargs: dict[str, Any] = {
             "max_new_tokens": spec.max_new_tokens,
             "num_return_sequences": samples,
@@ -249,11 +256,14 @@ class TransformersBackend:
             "repetition_penalty": 1.0,
             "no_repeat_ngram_size": 0,
         }
-        if not spec.greedy:
-            # Explicit neutral values: otherwise generation_config.json (top_k=20, min_p=...) fills them in and
-            # the same spec would sample from another distribution than vLLM's.
-            kwargs |= {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0, "min_p": 0.0,
-                       "typical_p": 1.0}  # fmt: skip
+        if not spec.greedy:  # (sampling knobs only when sampling: greedy warns about them)
+            kwargs |= {
+                "temperature": spec.temperature,
+                "top_p": spec.top_p,
+                "top_k": 0,
+                "min_p": 0.0,
+                "typical_p": 1.0,
+            }
         if criterion is not None:
             from transformers import StoppingCriteriaList
 
@@ -380,12 +390,12 @@ def pick_backend(requested: str, *, vllm_python: str | None = None) -> str:
         log.info("generation backend: transformers (requested)")
         return "transformers"
     has_vllm = importlib.util.find_spec("vllm") is not None
-    # The Prefect venv may hold a CPU torch on a GPU host: the subprocess only needs a visible driver.
     gpu = _cuda_available()
     if has_vllm and gpu:
         log.info("generation backend: vllm (importable here, CUDA available)")
         return "vllm"
     python = _resolve_vllm_python(vllm_python)
+    # The Prefect venv may hold a CPU torch on a GPU host: the subprocess only needs a visible driver.
     if python is not None and (gpu or shutil.which("nvidia-smi") is not None):
         log.info("generation backend: vllm in a subprocess (%s; vllm is not importable here)", python)
         return "vllm-subprocess"

@@ -146,7 +146,8 @@ def _group_pairs(rows: Sequence[dict[str, Any]], max_examples: int) -> list[tupl
 
 
 def _legend(scale: float) -> str:
-    sample = f'<span class="t sel" style="background:{_color(scale, scale)}">selected</span>'
+    # Not class "t": the sample is no token of the data.
+    sample = f'<span class="sel" style="background:{_color(scale, scale)}">selected</span>'
     return (
         '<div class="legend">'
         f'<span>{-scale:+.3g}</span><div class="bar"></div><span>{scale:+.3g}</span>'

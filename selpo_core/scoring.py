@@ -7,9 +7,11 @@ Plan. All responses are ordered by total length (prompt + response), so neighbou
 shards of `cfg.shard_rows` responses; inside a shard, `token_budget_batches` forms the forward batches. The
 plan depends only on the inputs, so a re-run (or another rank) computes the same shards and the same batches,
 hence bit-identical values. Shard i goes to `shard_dir/part-{i:05d}.parquet`, written to a temp file and
-renamed, with a digest of its inputs in the Parquet metadata; `plan.json` lists every shard's digest and row
-count. A re-run skips shards that read back completely (page checksums verified) with the expected digest,
-keys and rows, and recomputes a missing, truncated, corrupt or stale one.
+renamed, with its plan entry (a digest of its inputs, row count, keys, index, shard count, plan digest) in
+the Parquet metadata; `plan.json` lists every entry. A re-run skips shards that read back completely (page
+checksums and full Arrow validation) with the expected entry, keys and rows, and recomputes a missing,
+truncated, corrupt or stale one. `read_scores` uses plan.json, or, when only the part files were moved
+somewhere, the entries the shards carry.
 
 Data parallel: rank r owns the shards with `i % world_size == r`; the caller runs a barrier before
 `read_scores`. Model identity is not in the digest: the shard dir is a stage's partial dir whose key already
@@ -256,6 +258,7 @@ def _read_checked(path: Path, expected: dict[str, Any], schema: pa.Schema) -> tu
         return None, "is missing"
     try:
         table = pq.read_table(path, page_checksum_verification=True)
+        table.validate(full=True)  # offsets in bounds, valid UTF-8: nothing below can trip over the data
     except Exception as err:  # truncated, corrupt footer, checksum mismatch, not Parquet at all
         return None, f"is unreadable ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
     try:

@@ -454,7 +454,8 @@ def generate(cfg: RunConfig, data_dir: Path, model_dir: Path | str, label: str) 
 def evaluate(cfg: RunConfig, data_dir: Path, generations_dir: Path, reference_generations_dir: Path,
              model_dir: Path | str, reference_dir: Path | str, label: str) -> Path:
     """metrics.json + report.md: ground-truth reward gain and KL (synthetic), reward model, implicit accuracy."""
-    from selpo_core import evaluate as ev
+    from selpo_core.evaluate import write_report
+    from selpo_core.evaluation_stage import evaluate_run
 
     section = {"evaluate": to_dict(cfg.evaluate), "beta": cfg.policy.beta, "data": to_dict(cfg.data), "label": label}
     inputs: dict[str, str | Path] = {"data": data_dir, "generations": generations_dir,
@@ -462,12 +463,12 @@ def evaluate(cfg: RunConfig, data_dir: Path, generations_dir: Path, reference_ge
                                      "reference": reference_dir}
 
     def body(out: StageOutput) -> None:
-        metrics = ev.evaluate_run(cfg.evaluate, data_dir=data_dir, generations_dir=generations_dir,
+        metrics = evaluate_run(cfg.evaluate, data_dir=data_dir, generations_dir=generations_dir,
                                   reference_generations_dir=reference_generations_dir,
                                   model_dir=_model_dir(model_dir), reference_dir=_model_dir(reference_dir),
                                   heldout_pairs=read_examples(data_dir / "heldout.jsonl"), beta=cfg.policy.beta,
                                   data_cfg=cfg.data)
-        ev.write_report(metrics, out.work_dir, title=f"selpo evaluation: {label}")
+        write_report(metrics, out.work_dir, title=f"selpo evaluation: {label}")
         out.metrics.update(metrics)
 
     return run_stage(cfg, f"evaluate_{label}", section, inputs, body)
@@ -569,4 +570,8 @@ def run_upto(cfg: RunConfig, stage: str, method: str) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's functions, not this __main__ copy's: the plan-only context variable and
+    # the stage functions must be the ones report.py and the tasks import.
+    from selpo_core import stages as _stages
+
+    sys.exit(_stages.main())

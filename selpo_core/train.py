@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import parse_flag_from_env, send_to_device, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -120,7 +120,8 @@ def train(model: Any, step_fn: StepFn, items: Sequence[Any], collate: Callable[[
         raise RuntimeError("train.report_to=wandb but wandb is not installed: pip install 'selpo[wandb]'")
     tracker = None if cfg.report_to == "none" or (cfg.report_to == "tensorboard" and log_dir is None) \
         else cfg.report_to
-    cpu = _cpu_only_multiprocess()
+    # ACCELERATE_USE_CPU is what `accelerate launch --cpu` sets; we create PartialState first, so pass it on.
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or _cpu_only_multiprocess()
     state = PartialState(cpu=cpu)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != launched:
@@ -149,9 +150,10 @@ def train(model: Any, step_fn: StepFn, items: Sequence[Any], collate: Callable[[
         for handle in accelerator.trackers:
             handle.finish()
         accelerator.free_memory()
-        # accelerate keeps its config in process-wide singletons that refuse to change (e.g. bf16 -> fp32);
-        # reset them so train() can run again in this process. PartialState (device, process group) stays.
-        AcceleratorState._reset_state()
+        # accelerate keeps its config in process-wide singletons that refuse to change (bf16 -> fp32, cuda ->
+        # cpu); reset them so train() can run again in this process. Under several processes PartialState
+        # stays: it owns the process group, which the next call reuses.
+        AcceleratorState._reset_state(reset_partial_state=accelerator.num_processes == 1)
         GradientState._reset_state()
 
 

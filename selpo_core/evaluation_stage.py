@@ -1,0 +1,60 @@
+"""The evaluate stage: what can be measured offline about one trained policy.
+
+Synthetic task: mean true reward of the policy's answers, gain over the reference model's answers to the same
+prompts, KL(policy || reference) estimated on the policy's samples, answer length. Any data: implicit-reward
+accuracy on held-out pairs; with a reward model, its mean score and (given a baseline's answers) a win rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selpo_core.benchmarks_io import GenerationRecord, read_generations
+from selpo_core.config import DataConfig, EvaluateConfig
+
+
+def _single_turn(records: list[GenerationRecord]) -> tuple[list[str], list[str], list[bool]]:
+    """(prompt, answer, ended) per sample; multi-turn records contribute their last turn."""
+    prompts, answers, ended = [], [], []
+    for record in records:
+        for sample, reasons in zip(record.answers, record.finish_reasons):
+            prompts.append(record.turns[-1])
+            answers.append(sample[-1])
+            ended.append(reasons[-1] == "eos")
+    return prompts, answers, ended
+
+
+def evaluate_run(cfg: EvaluateConfig, *, data_dir: Path, generations_dir: Path, reference_generations_dir: Path,
+                 model_dir: Path, reference_dir: Path, heldout_pairs: list[Any], beta: float,
+                 data_cfg: DataConfig) -> dict[str, Any]:
+    from selpo_core import evaluate
+    from selpo_core.data import tokenize_pairs
+    from selpo_core.models import load_tokenizer
+
+    records = read_generations(generations_dir / "generations.jsonl")
+    prompts, answers, ended = _single_turn(records)
+    metrics: dict[str, Any] = {"n_answers": len(answers)}
+    if (data_dir / "task.json").is_file():
+        _, reference_answers, _ = _single_turn(read_generations(reference_generations_dir / "generations.jsonl"))
+        truth = evaluate.synthetic_metrics(answers, reference_answers, prompts, data_dir, model_dir, reference_dir,
+                                           policy_ended=ended, batch_size=cfg.batch_size)
+        metrics.update({"mean_reward": truth["true_reward"], "reference_reward": truth["true_reward_reference"],
+                        "reward_gain": truth["reward_gain"], "kl": truth["kl_seq"],
+                        "kl_per_token": truth["kl_per_token"], "answer_words": truth["answer_words"],
+                        "answer_tokens": truth["answer_tokens"]})
+    if cfg.reward_model:
+        scores = evaluate.reward_model_scores(cfg.reward_model, prompts, answers, batch_size=cfg.batch_size)
+        metrics["reward_model_score"] = sum(scores) / max(1, len(scores))
+        if cfg.baseline_answers:
+            _, baseline, _ = _single_turn(read_generations(cfg.baseline_answers))
+            metrics.update({f"win/{k}": v for k, v in evaluate.pairwise_win_rate(
+                cfg.reward_model, prompts, answers, baseline, batch_size=cfg.batch_size).items()})
+    if heldout_pairs:
+        tokenizer = load_tokenizer(str(model_dir))
+        pairs, _ = tokenize_pairs(heldout_pairs, tokenizer, data_cfg, source="heldout.jsonl")
+        accuracy = evaluate.implicit_reward_accuracy(model_dir, reference_dir, pairs, beta=beta,
+                                                     batch_size=cfg.batch_size, tokenizer=tokenizer)
+        metrics["implicit_reward_accuracy"] = accuracy["accuracy"]
+        metrics["implicit_reward_margin"] = accuracy["margin"]
+    return metrics
