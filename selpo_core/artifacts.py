@@ -125,10 +125,14 @@ class StageOutput:
 
 
 @contextmanager
-def stage_output(run_dir: Path, stage: str, key: str, *, inputs: dict[str, str | Path], config: Any) -> Iterator[StageOutput]:
+def stage_output(run_dir: Path, stage: str, key: str, *, inputs: dict[str, str | Path], config: Any,
+                 main_process: bool = True) -> Iterator[StageOutput]:
     """Write a stage atomically. On success the manifest (inputs, fingerprint, timings, versions) is written
     and the directory renamed into place; on failure the temporary directory is removed but `partial_dir`
     (checkpoints, shards) stays for the next attempt to resume from.
+
+    Under several processes (torchrun) every rank runs the stage body; only the main process publishes its
+    directory, the others write into a private one that is discarded (they share `partial_dir`).
     """
     final_dir = run_dir / f"{stage}-{key}"
     work_dir = run_dir / f"{stage}-{key}.tmp-{os.getpid()}"
@@ -143,6 +147,9 @@ def stage_output(run_dir: Path, stage: str, key: str, *, inputs: dict[str, str |
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
+    if not main_process:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return
     write_manifest(output, stage=stage, key=key, inputs=inputs, config=config, seconds=time.time() - started)
     if final_dir.exists():  # an incomplete leftover (is_complete was False): replace it
         shutil.rmtree(final_dir)

@@ -146,9 +146,8 @@ class ModelConfig:
         for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads"):
             _positive("model", name, getattr(self, name))
         if self.tiny_hidden_size % self.tiny_heads:
-            raise ConfigError(
-                f"model.tiny_hidden_size={self.tiny_hidden_size} must be divisible by model.tiny_heads={self.tiny_heads}"
-            )
+            raise ConfigError(f"model.tiny_hidden_size={self.tiny_hidden_size} must be divisible by "
+                              f"model.tiny_heads={self.tiny_heads}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selpo_core.artifacts import StageOutput, is_complete, stage_key, stage_output
+from selpo_core.artifacts import StageOutput, is_complete, read_manifest, stage_key, stage_output
 from selpo_core.config import ModelConfig, RunConfig, load_run_config, save_config, to_dict
 
 log = logging.getLogger("selpo.stages")
@@ -53,14 +53,28 @@ def run_stage(cfg: RunConfig, stage: str, section: dict[str, Any], inputs: dict[
     if is_complete(final):
         log.info("%s: reusing %s", stage, final)
         return final
+    rank, world_size = _rank_and_world()
+    if world_size > 1:
+        _init_distributed()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_dir / "config.yaml")
     log.info("%s: writing %s", stage, final)
-    with stage_output(cfg.run_dir, stage, key, inputs=inputs, config=section) as out:
+    with stage_output(cfg.run_dir, stage, key, inputs=inputs, config=section, main_process=rank == 0) as out:
         if cfg.fail_stage and stage.split("_")[0] == cfg.fail_stage:
             raise InjectedFailure(f"fail_stage={cfg.fail_stage!r}: failing stage {stage} on purpose")
         body(out)
+        _barrier()  # every rank's part (shards, gradients) is done before the main process publishes
+    _barrier()  # nobody reads the stage before it is published
     return final
+
+
+def _init_distributed() -> None:
+    """Under torchrun every rank runs each stage collectively; stages without accelerate need the group too."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -339,15 +353,25 @@ def policy_section(cfg: RunConfig, method: str) -> dict[str, Any]:
 
 
 def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: Path | str, reference_dir: Path | str,
-                 scores_dir: Path, selection_dir: Path) -> Path:
-    """Train the policy with one method from the same data, scores and selection as every other method."""
+                 scores_dir: Path | None, selection_dir: Path | None, label: str = "") -> Path:
+    """Train the policy with one method from the same data, scores and selection as every other method.
+
+    `scores_dir` is optional for methods that run their reference model (or when ref_logps_from_scores is off);
+    `selection_dir` is needed by sepo only. `label` names the stage dir when one method is trained several
+    times in a run (TSO rounds).
+    """
     from selpo_core import data, models
     from selpo_core.objectives import NEEDS_REF_LOGPS, NEEDS_REF_MODEL_ALWAYS, MethodParams, make_preference_step
     from selpo_core.scoring import read_scores, scores_to_pair_lookup
     from selpo_core.train import train
 
-    inputs: dict[str, str | Path] = {"data": data_dir, "policy_init": policy_init_dir, "reference": reference_dir,
-                                     "scores": scores_dir, "selection": selection_dir}
+    inputs: dict[str, str | Path] = {"data": data_dir, "policy_init": policy_init_dir, "reference": reference_dir}
+    if scores_dir is not None:
+        inputs["scores"] = scores_dir
+    if selection_dir is not None:
+        inputs["selection"] = selection_dir
+    if method == "sepo" and selection_dir is None:
+        raise ValueError("sepo trains on selected tokens: it needs the select stage's output")
     p = cfg.policy
 
     def body(out: StageOutput) -> None:
@@ -359,13 +383,16 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
         ref_model = None
         if method == "sepo":
             extras["selected"] = scores_to_pair_lookup(read_scores_like(selection_dir / "selection.parquet"))
-        reads_scores = (method in NEEDS_REF_LOGPS and p.ref_logps_from_scores and _same_model(init_dir, reference_dir)
-                        and not (method == "selective_dpo" and p.sdpo_reference))
+        # The anchor of the DPO family is `reference_dir` (the policy's own start, normally); Selective-DPO may
+        # name another, larger scorer/anchor. Stored log-probs serve only if they came from that same model.
+        anchor = p.sdpo_reference if method == "selective_dpo" and p.sdpo_reference else reference_dir
+        scored_with = read_manifest(scores_dir)["inputs"]["reference"]["path"] if scores_dir is not None else None
+        reads_scores = (method in NEEDS_REF_LOGPS and p.ref_logps_from_scores and scored_with is not None
+                        and _same_model(anchor, scored_with))
         if reads_scores:
             extras["ref"] = scores_to_pair_lookup(read_scores(scores_dir / "scores"))
         elif method in NEEDS_REF_LOGPS or method in NEEDS_REF_MODEL_ALWAYS:
-            anchor = p.sdpo_reference if method == "selective_dpo" and p.sdpo_reference else init_dir
-            ref_model = models.frozen_copy(model) if anchor == init_dir else models.frozen_copy(
+            ref_model = models.frozen_copy(model) if _same_model(anchor, init_dir) else models.frozen_copy(
                 models.load_model(str(_model_dir(anchor)), dtype=_fp32()))
         model = models.maybe_apply_lora(model, cfg.policy_model)
         params = MethodParams(method=method, beta=p.beta, label_smoothing=p.label_smoothing, sepo_gamma=p.sepo_gamma,
@@ -386,7 +413,7 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
                             "trained_token_fraction": _trained_token_fraction(method, pairs, extras, result),
                             **_train_metrics(result, models.count_parameters(model))})
 
-    return run_stage(cfg, f"policy_{method}", policy_section(cfg, method), inputs, body)
+    return run_stage(cfg, f"policy_{label or method}", policy_section(cfg, method), inputs, body)
 
 
 def read_scores_like(path: Path) -> Any:
@@ -501,7 +528,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     reference_generations = timer.run("generate_reference", generate, cfg, data_dir, init_dir, "reference")
     evaluations = {}
     for method in cfg.policy.methods:
-        policy_dir = timer.run(f"policy_{method}", train_policy, cfg, method, data_dir, init_dir, reference_dir,
+        policy_dir = timer.run(f"policy_{method}", train_policy, cfg, method, data_dir, init_dir, init_dir,
                                scores_dir, selection_dir)
         generations = timer.run(f"generate_{method}", generate, cfg, data_dir, policy_dir, method)
         evaluations[method] = timer.run(f"evaluate_{method}", evaluate, cfg, data_dir, generations,
@@ -559,7 +586,7 @@ def run_upto(cfg: RunConfig, stage: str, method: str) -> Path:
     selection_dir = select_tokens(cfg, data_dir, scores_dir, init_dir)
     if stage == "select":
         return selection_dir
-    policy_dir = train_policy(cfg, method, data_dir, init_dir, reference_dir, scores_dir, selection_dir)
+    policy_dir = train_policy(cfg, method, data_dir, init_dir, init_dir, scores_dir, selection_dir)
     if stage == "policy":
         return policy_dir
     generations = generate(cfg, data_dir, policy_dir, method)
