@@ -56,6 +56,8 @@ def make_preference_step(params: MethodParams, ref_model: Any | None) -> StepFn:
     def step(model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         metrics: dict[str, Tensor] = {}
+        if ref_model is not None and next(ref_model.parameters()).device != input_ids.device:
+            ref_model.to(input_ids.device)  # the training loop places the policy and batches, not the reference
         if params.method in NEEDS_REF_MODEL_ALWAYS:
             if ref_model is None:
                 raise ValueError(f"{params.method} needs a reference model at every step")

@@ -277,8 +277,10 @@ def score_tokens(cfg: RunConfig, data_dir: Path, oracle_dir: Path, reference_dir
         out.metrics.update(scoring.score_pairs(pairs, _model_dir(oracle_dir), _model_dir(reference_dir),
                                                cfg.score, shard_dir, rank=rank, world_size=world_size))
         _barrier()
+        if rank != 0:  # the other ranks' shards are done; the main process assembles and publishes
+            return
         (out.work_dir / "scores").mkdir()
-        for shard in sorted(shard_dir.glob("*.parquet")):
+        for shard in sorted([*shard_dir.glob("part-*.parquet"), *shard_dir.glob("plan.json")]):
             shard.rename(out.work_dir / "scores" / shard.name)
         table = scoring.read_scores(out.work_dir / "scores")
         if (data_dir / "task.json").is_file():
@@ -365,14 +367,21 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
     from selpo_core.scoring import read_scores, scores_to_pair_lookup
     from selpo_core.train import train
 
-    inputs: dict[str, str | Path] = {"data": data_dir, "policy_init": policy_init_dir, "reference": reference_dir}
-    if scores_dir is not None:
-        inputs["scores"] = scores_dir
-    if selection_dir is not None:
-        inputs["selection"] = selection_dir
-    if method == "sepo" and selection_dir is None:
-        raise ValueError("sepo trains on selected tokens: it needs the select stage's output")
     p = cfg.policy
+    # The anchor of the DPO family is `reference_dir` (the policy's own start, normally); Selective-DPO may name
+    # another, larger scorer/anchor. Stored log-probs serve only if they came from that same model.
+    anchor = p.sdpo_reference if method == "selective_dpo" and p.sdpo_reference else reference_dir
+    scored_with = read_manifest(scores_dir)["inputs"]["reference"]["path"] if _exists(scores_dir) else None
+    reads_scores = (method in NEEDS_REF_LOGPS and p.ref_logps_from_scores and scored_with is not None
+                    and _same_model(anchor, scored_with))
+    # Inputs are only what the method reads, so e.g. a new selection re-runs sepo but not dpo.
+    inputs: dict[str, str | Path] = {"data": data_dir, "policy_init": policy_init_dir, "reference": anchor}
+    if reads_scores:
+        inputs["scores"] = scores_dir
+    if method == "sepo":
+        if selection_dir is None:
+            raise ValueError("sepo trains on selected tokens: it needs the select stage's output")
+        inputs["selection"] = selection_dir
 
     def body(out: StageOutput) -> None:
         init_dir = _model_dir(policy_init_dir)
@@ -383,12 +392,6 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
         ref_model = None
         if method == "sepo":
             extras["selected"] = scores_to_pair_lookup(read_scores_like(selection_dir / "selection.parquet"))
-        # The anchor of the DPO family is `reference_dir` (the policy's own start, normally); Selective-DPO may
-        # name another, larger scorer/anchor. Stored log-probs serve only if they came from that same model.
-        anchor = p.sdpo_reference if method == "selective_dpo" and p.sdpo_reference else reference_dir
-        scored_with = read_manifest(scores_dir)["inputs"]["reference"]["path"] if scores_dir is not None else None
-        reads_scores = (method in NEEDS_REF_LOGPS and p.ref_logps_from_scores and scored_with is not None
-                        and _same_model(anchor, scored_with))
         if reads_scores:
             extras["ref"] = scores_to_pair_lookup(read_scores(scores_dir / "scores"))
         elif method in NEEDS_REF_LOGPS or method in NEEDS_REF_MODEL_ALWAYS:
@@ -414,6 +417,11 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
                             **_train_metrics(result, models.count_parameters(model))})
 
     return run_stage(cfg, f"policy_{label or method}", policy_section(cfg, method), inputs, body)
+
+
+def _exists(stage: Path | None) -> bool:
+    """A finished stage dir (in plan-only mode an upstream dir may not exist yet)."""
+    return stage is not None and is_complete(stage)
 
 
 def read_scores_like(path: Path) -> Any:

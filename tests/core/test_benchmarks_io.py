@@ -45,36 +45,58 @@ def test_plain_jsonl_and_parquet(tmp_path: Path) -> None:
 
 def test_alpaca_eval_json_keeps_dataset(tmp_path: Path) -> None:
     path = tmp_path / "alpaca_eval.json"
-    path.write_text(json.dumps([{"instruction": "Why?", "dataset": "helpful_base", "output": "ref", "generator": "g"}]))
+    path.write_text(
+        json.dumps([{"instruction": "Why?", "dataset": "helpful_base", "output": "ref", "generator": "g"}])
+    )
     (prompt,) = load_prompts(path, benchmark="alpaca_eval")
     assert prompt.turns == ["Why?"] and prompt.category == "helpful_base" and prompt.id == "0"
     assert prompt.source["dataset"] == "helpful_base"
 
 
 def test_arena_hard_v01_and_v2(tmp_path: Path) -> None:
-    v01 = jsonl(tmp_path / "v01.jsonl", [
-        {"question_id": "328c1", "category": "arena-hard-v0.1", "cluster": "c", "turns": [{"content": "Hi?"}]},
-    ])  # fmt: skip
-    v2 = jsonl(tmp_path / "v2.jsonl", [{"uid": "ab12", "category": "hard_prompt", "subcategory": "s", "prompt": "Q?"}])
+    v01 = jsonl(
+        tmp_path / "v01.jsonl",
+        [
+            {
+                "question_id": "328c1",
+                "category": "arena-hard-v0.1",
+                "cluster": "c",
+                "turns": [{"content": "Hi?"}],
+            },
+        ],
+    )
+    v2 = jsonl(
+        tmp_path / "v2.jsonl",
+        [{"uid": "ab12", "category": "hard_prompt", "subcategory": "s", "prompt": "Q?"}],
+    )
     (a,), (b,) = load_prompts(v01, benchmark="arena_hard"), load_prompts(v2, benchmark="arena_hard")
     assert (a.id, a.turns, a.category) == ("328c1", ["Hi?"], "arena-hard-v0.1")
     assert (b.id, b.turns, b.category) == ("ab12", ["Q?"], "hard_prompt")
 
 
 def test_mt_bench_two_turns(tmp_path: Path) -> None:
-    path = jsonl(tmp_path / "question.jsonl", [
-        {"question_id": 81, "category": "writing", "turns": ["Compose a blog.", "Rewrite it."]},
-        {"question_id": 101, "category": "reasoning", "turns": ["A race?", "And now?"], "reference": ["x", "y"]},
-    ])  # fmt: skip
+    path = jsonl(
+        tmp_path / "question.jsonl",
+        [
+            {"question_id": 81, "category": "writing", "turns": ["Compose a blog.", "Rewrite it."]},
+            {
+                "question_id": 101,
+                "category": "reasoning",
+                "turns": ["A race?", "And now?"],
+                "reference": ["x", "y"],
+            },
+        ],
+    )
     prompts = load_prompts(path, benchmark="mt_bench")
     assert [(p.id, p.category, p.turns) for p in prompts] == [
-        ("81", "writing", ["Compose a blog.", "Rewrite it."]), ("101", "reasoning", ["A race?", "And now?"]),
-    ]  # fmt: skip
+        ("81", "writing", ["Compose a blog.", "Rewrite it."]),
+        ("101", "reasoning", ["A race?", "And now?"]),
+    ]
     assert prompts[0].source["question_id"] == 81  # the int survives for writing back
 
 
 @pytest.mark.parametrize(
-    ("benchmark", "rows", "row", "field"),
+    ("bench", "rows", "row", "field"),
     [
         ("plain", [{"prompt": "ok"}, {"text": "no prompt"}], 2, "'prompt'"),
         ("plain", [{"prompt": ""}], 1, "'prompt'"),
@@ -88,11 +110,12 @@ def test_mt_bench_two_turns(tmp_path: Path) -> None:
         ("plain", ["just a string"], 1, "must be an object"),
     ],
 )
-def test_malformed_rows_name_file_row_and_field(tmp_path: Path, benchmark: str, rows: list[Any], row: int,
-                                                field: str) -> None:  # fmt: skip
+def test_malformed_rows_name_file_row_and_field(
+    tmp_path: Path, bench: str, rows: list[Any], row: int, field: str
+) -> None:
     path = jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(PromptFileError) as err:
-        load_prompts(path, benchmark=benchmark)
+        load_prompts(path, benchmark=bench)
     message = str(err.value)
     assert f"{path} row {row}" in message and field in message and "\n" not in message
 
@@ -123,14 +146,21 @@ def test_unreadable_files(tmp_path: Path) -> None:
 def record(qid: Any, answers: list[list[str]], **source: Any) -> GenerationRecord:
     turns = [f"turn {k}" for k in range(len(answers[0]))]
     return GenerationRecord(
-        id=str(qid), turns=turns, answers=answers, n_tokens=[[len(a.split()) + 1 for a in s] for s in answers],
-        finish_reasons=[["eos"] * len(s) for s in answers], category="cat", source=source,
-    )  # fmt: skip
+        id=str(qid),
+        turns=turns,
+        answers=answers,
+        n_tokens=[[len(a.split()) + 1 for a in s] for s in answers],
+        finish_reasons=[["eos"] * len(s) for s in answers],
+        category="cat",
+        source=source,
+    )
 
 
 def test_alpaca_eval_writer(tmp_path: Path) -> None:
-    records = [record(0, [["first answer"], ["other sample"]], instruction="Why?", dataset="helpful_base"),
-               record(1, [["x"]], prompt="plain prompt")]  # fmt: skip
+    records = [
+        record(0, [["first answer"], ["other sample"]], instruction="Why?", dataset="helpful_base"),
+        record(1, [["x"]], prompt="plain prompt"),
+    ]
     path = write_alpaca_eval(records, tmp_path / "model_outputs.json", "my-model")
     assert json.loads(path.read_text()) == [
         {"instruction": "Why?", "output": "first answer", "generator": "my-model", "dataset": "helpful_base"},
@@ -141,7 +171,10 @@ def test_alpaca_eval_writer(tmp_path: Path) -> None:
 
 
 def test_arena_hard_writer(tmp_path: Path) -> None:
-    records = [record("328c1", [["a b c"], ["d"]], question_id="328c1"), record("ab12", [["e f"]], uid="ab12")]
+    records = [
+        record("328c1", [["a b c"], ["d"]], question_id="328c1"),
+        record("ab12", [["e f"]], uid="ab12"),
+    ]
     path = write_arena_hard(records, tmp_path / "answers.jsonl", "my-model")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [set(r) for r in rows] == [{"question_id", "answer_id", "model_id", "choices", "tstamp"}] * 2
@@ -151,8 +184,10 @@ def test_arena_hard_writer(tmp_path: Path) -> None:
         {"index": 1, "turns": [{"content": "d", "token_len": 2}]},
     ]
     assert isinstance(rows[0]["tstamp"], float) and len(rows[0]["answer_id"]) == 22
-    again = [json.loads(line) for line in write_arena_hard(records, tmp_path / "b.jsonl", "my-model").read_text()
-             .splitlines()]  # fmt: skip
+    again = [
+        json.loads(line)
+        for line in write_arena_hard(records, tmp_path / "b.jsonl", "my-model").read_text().splitlines()
+    ]
     assert [r["answer_id"] for r in again] == [r["answer_id"] for r in rows]  # content hash, not random
     other = write_arena_hard(records, tmp_path / "c.jsonl", "another-model").read_text().splitlines()
     assert json.loads(other[0])["answer_id"] != rows[0]["answer_id"]
@@ -175,7 +210,10 @@ def test_writers_are_atomic_and_generations_round_trip(tmp_path: Path) -> None:
     assert "old content" not in target.read_text()
     assert write_benchmark_file("plain", records, tmp_path, "m") is None
     write_generations(records, tmp_path / "generations.jsonl", generator="m")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["generations.jsonl", "mt_bench.jsonl"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "generations.jsonl",
+        "mt_bench.jsonl",
+    ]  # no temp files
     assert read_generations(tmp_path / "generations.jsonl") == records
     line = json.loads((tmp_path / "generations.jsonl").read_text().splitlines()[0])
     assert line["outputs"] == ["two"] and line["generator"] == "m"

@@ -5,6 +5,7 @@ win rates on hand-made scores, implicit-reward accuracy with a policy built as r
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,19 +41,39 @@ PROMPTS = ["describe the city", "w1 w2", "describe w3"]
 ANSWERS = ["good w4 w5", "bad", "w6 good good w7 bad"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP's spinning threads
+    made one batched generate() take 10 s instead of 0.1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-                       initializer_range=0.3)  # fmt: skip
+    return LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        initializer_range=0.3,
+    )
 
 
 def save_lm(path: Path, seed: int) -> Path:
@@ -78,7 +99,7 @@ def manual_logp(model: Any, tok: PreTrainedTokenizerFast, prompt: str, answer: s
     """log p(answer [+ EOS] | rendered prompt) from the full logits of one unpadded sequence."""
     prompt_ids = tok(f"user: {prompt} assistant:", add_special_tokens=False)["input_ids"]
     answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
-    ids = torch.tensor([prompt_ids + answer_ids])
+    ids = torch.tensor([prompt_ids + answer_ids], device=next(model.parameters()).device)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
     return sum(float(logp[len(prompt_ids) + i - 1, t]) for i, t in enumerate(answer_ids))
@@ -94,7 +115,9 @@ def test_encode_answer_renders_like_generation(tok: PreTrainedTokenizerFast) -> 
     assert encode_answer(tok, "w1 w2", "good bad", ended=False)[1] == answer_ids[:-1]
 
 
-def test_sequence_logps_matches_hand_computation(lm_dirs: tuple[Path, Path], tok: PreTrainedTokenizerFast) -> None:
+def test_sequence_logps_matches_hand_computation(
+    lm_dirs: tuple[Path, Path], tok: PreTrainedTokenizerFast
+) -> None:
     from selpo_core.models import load_model
 
     ref_dir, _ = lm_dirs
@@ -115,7 +138,9 @@ def test_sequence_logps_matches_hand_computation(lm_dirs: tuple[Path, Path], tok
 
 @pytest.fixture
 def task_dir(tmp_path: Path) -> Path:
-    (tmp_path / "task.json").write_text(json.dumps({"format": TASK_FORMAT, "word_rewards": {"good": 1.0, "bad": -1.0}}))
+    (tmp_path / "task.json").write_text(
+        json.dumps({"format": TASK_FORMAT, "word_rewards": {"good": 1.0, "bad": -1.0}})
+    )
     return tmp_path
 
 
@@ -126,8 +151,13 @@ def test_synthetic_metrics(lm_dirs: tuple[Path, Path], task_dir: Path) -> None:
     assert same["true_reward"] == pytest.approx((1 - 1 + 1) / 3)  # good w4 w5 | bad | w6 good good w7 bad
     assert same["true_reward_reference"] == pytest.approx(-3 / 3)
     assert same["reward_gain"] == pytest.approx(1 / 3 + 1)
-    assert same["kl_seq"] == pytest.approx(0.0, abs=1e-6) and same["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
-    assert same["answer_words"] == pytest.approx((3 + 1 + 5) / 3) and same["answer_tokens"] == same["answer_words"]
+    assert same["kl_seq"] == pytest.approx(0.0, abs=1e-6) and same["kl_per_token"] == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert (
+        same["answer_words"] == pytest.approx((3 + 1 + 5) / 3)
+        and same["answer_tokens"] == same["answer_words"]
+    )
     assert same["n"] == 3
 
     differ = synthetic_metrics(ANSWERS, reference_answers, PROMPTS, task_dir, policy_dir, ref_dir)
@@ -173,7 +203,9 @@ def test_pairwise_win_rate_counts_ties_half(monkeypatch: pytest.MonkeyPatch) -> 
     table = {"p1": 2.0, "p2": 0.5, "p3": 1.0, "p4": -1.0, "b1": 1.0, "b2": 0.7, "b3": 1.0, "b4": -3.0}
     seen: list[list[str]] = []
 
-    def fake_scores(rm_path: Any, prompts: list[str], answers: list[str], *, batch_size: int = 16) -> list[float]:
+    def fake_scores(
+        rm_path: Any, prompts: list[str], answers: list[str], *, batch_size: int = 16
+    ) -> list[float]:
         seen.append(list(answers))
         return [table[a] for a in answers]
 
@@ -196,11 +228,14 @@ class Biased(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw: Any) -> Any:
-        return SimpleNamespace(logits=self.base(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
-                               + self.bias)  # fmt: skip
+        return SimpleNamespace(
+            logits=self.base(input_ids=input_ids, attention_mask=attention_mask, **kw).logits + self.bias
+        )
 
 
-def test_implicit_reward_accuracy_with_a_known_bias(lm_dirs: tuple[Path, Path], tok: PreTrainedTokenizerFast) -> None:
+def test_implicit_reward_accuracy_with_a_known_bias(
+    lm_dirs: tuple[Path, Path], tok: PreTrainedTokenizerFast
+) -> None:
     from selpo_core.models import load_model
 
     reference = load_model(lm_dirs[0], dtype=torch.float32, device="cpu")
@@ -220,17 +255,24 @@ def test_implicit_reward_accuracy_with_a_known_bias(lm_dirs: tuple[Path, Path], 
     margins = [0.5 * (ratio[i] - ratio[i + 2]) for i in range(2)]
     assert result["margin"] == pytest.approx(sum(margins) / 2, abs=1e-4)
 
-    swapped = implicit_reward_accuracy(policy, reference, (prompts, rejected, chosen), beta=0.5, tokenizer=tok)
+    swapped = implicit_reward_accuracy(
+        policy, reference, (prompts, rejected, chosen), beta=0.5, tokenizer=tok
+    )
     assert swapped["accuracy"] == 0.0 and swapped["margin"] == pytest.approx(-result["margin"], abs=1e-5)
-    same = implicit_reward_accuracy(reference, reference, (prompts, chosen, rejected), beta=0.5, tokenizer=tok)
+    same = implicit_reward_accuracy(
+        reference, reference, (prompts, chosen, rejected), beta=0.5, tokenizer=tok
+    )
     assert same["accuracy"] == 0.0 and same["margin"] == pytest.approx(0.0, abs=1e-6)  # a tie is no success
 
     # Tokenized pairs (data.TokenizedPair fields; responses end with EOS) give the same numbers as strings.
     pairs = []
     for p, c, r in zip(prompts, chosen, rejected):
         prompt_ids, chosen_ids = encode_answer(tok, p, c)
-        pairs.append(SimpleNamespace(prompt_ids=prompt_ids, chosen_ids=chosen_ids,
-                                     rejected_ids=encode_answer(tok, p, r)[1]))  # fmt: skip
+        pairs.append(
+            SimpleNamespace(
+                prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=encode_answer(tok, p, r)[1]
+            )
+        )
     tokenized = implicit_reward_accuracy(policy, reference, pairs, beta=0.5)
     assert tokenized == pytest.approx(result)
 
@@ -239,10 +281,18 @@ def test_implicit_reward_accuracy_with_a_known_bias(lm_dirs: tuple[Path, Path], 
 
 
 def test_write_report(tmp_path: Path) -> None:
-    metrics = {"true_reward": 1.23456, "kl": {"seq": 0.5, "per_token": float("nan")}, "backend": "transformers"}
+    metrics = {
+        "true_reward": 1.23456,
+        "kl": {"seq": 0.5, "per_token": float("nan")},
+        "backend": "transformers",
+    }
     write_report(metrics, tmp_path, "SePO vs DPO")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == {"true_reward": 1.23456, "kl": {"seq": 0.5, "per_token": None}, "backend": "transformers"}
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert lines[0] == "# SePO vs DPO" and lines[2:4] == ["| metric | value |", "|---|---|"]
-    assert "| true_reward | 1.235 |" in lines and "| kl/seq | 0.5 |" in lines and "| kl/per_token | n/a |" in lines
+    assert (
+        "| true_reward | 1.235 |" in lines
+        and "| kl/seq | 0.5 |" in lines
+        and "| kl/per_token | n/a |" in lines
+    )

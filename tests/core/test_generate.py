@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,11 +37,23 @@ CHAT_TEMPLATE = (
 PROMPTS = ["hello", "tell me about w1 w2 w3 w4 w5 w6", "w7 w8", "tell me more about w9 w10 w11", "it"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP's spinning threads
+    made one batched generate() take 10 s instead of 0.1 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -50,9 +63,16 @@ def save_tiny_model(path: Path, *, seed: int = 0) -> Path:
     tok = build_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, initializer_range=0.3,
-    )  # fmt: skip
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        initializer_range=0.3,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -128,7 +148,9 @@ def test_stop_string_cuts_before_it(backend: TransformersBackend) -> None:
     words = free.text.split()
     assert len(words) >= 4
     stop = words[2]
-    cut = backend.generate([conv("hello")], SamplingSpec(temperature=0, max_new_tokens=12, stop=(stop,)))[0][0]
+    cut = backend.generate([conv("hello")], SamplingSpec(temperature=0, max_new_tokens=12, stop=(stop,)))[0][
+        0
+    ]
     expected = free.text[: free.text.index(stop)]
     assert cut.text == expected and stop not in cut.text
     assert cut.finish_reason == "stop"
@@ -136,7 +158,9 @@ def test_stop_string_cuts_before_it(backend: TransformersBackend) -> None:
     assert cut.n_tokens == len(expected.split()) + 1
 
 
-def test_eos_ends_answer_and_is_counted(backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eos_ends_answer_and_is_counted(
+    backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = SamplingSpec(temperature=0, max_new_tokens=8)
     free = backend.generate([conv("hello")], spec)[0][0]
     words = free.text.split()
@@ -166,7 +190,9 @@ class SpyBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[list[list[dict[str, str]]], SamplingSpec]] = []
 
-    def generate(self, conversations: list[list[dict[str, str]]], spec: SamplingSpec) -> list[list[Completion]]:
+    def generate(
+        self, conversations: list[list[dict[str, str]]], spec: SamplingSpec
+    ) -> list[list[Completion]]:
         self.calls.append((conversations, spec))
         turn = (len(conversations[0]) + 1) // 2
         out = []
@@ -202,7 +228,10 @@ def test_mt_bench_turn_two_follows_own_turn_one() -> None:
         ["t1:q81 first#0", "t2:q81 first|after:t1:q81 first#0#0"],
         ["t1:q81 first#1", "t2:q81 first|after:t1:q81 first#1#0"],
     ]
-    assert records[1].outputs == ["t2:q82 first|after:t1:q82 first#0#0", "t2:q82 first|after:t1:q82 first#1#0"]
+    assert records[1].outputs == [
+        "t2:q82 first|after:t1:q82 first#0#0",
+        "t2:q82 first|after:t1:q82 first#1#0",
+    ]
 
 
 def test_generate_answers_mt_bench_through_spy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,8 +250,11 @@ def test_generate_answers_mt_bench_through_spy(tmp_path: Path, monkeypatch: pyte
 
 def _fake_env(monkeypatch: pytest.MonkeyPatch, *, vllm: bool, gpu: bool) -> None:
     real = generate.importlib.util.find_spec
-    monkeypatch.setattr(generate.importlib.util, "find_spec", lambda n, *a: object() if vllm and n == "vllm" else
-                        (None if n == "vllm" else real(n, *a)))  # fmt: skip
+    monkeypatch.setattr(
+        generate.importlib.util,
+        "find_spec",
+        lambda n, *a: object() if vllm and n == "vllm" else (None if n == "vllm" else real(n, *a)),
+    )
     monkeypatch.setattr(generate, "_cuda_available", lambda: gpu)
     monkeypatch.setattr(generate.shutil, "which", lambda name: None)
 
@@ -248,12 +280,16 @@ def test_pick_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_subprocess_protocol_matches_in_process(model_dir: Path, tmp_path: Path) -> None:
+def test_subprocess_protocol_matches_in_process(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CLI the vLLM venv runs, driven with this interpreter and the transformers backend."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child inherits it (see one_thread)
     prompts = [BenchmarkPrompt(str(i), [p], "", {"id": i, "prompt": p}) for i, p in enumerate(PROMPTS[:3])]
     spec = SamplingSpec(temperature=0, max_new_tokens=6, stop=("w5",))
-    records, seconds = run_generation_subprocess(sys.executable, model_dir, prompts, spec, tmp_path,
-                                                 backend="transformers")  # fmt: skip
+    records, seconds = run_generation_subprocess(
+        sys.executable, model_dir, prompts, spec, tmp_path, backend="transformers"
+    )
     local = generate_records(TransformersBackend(model_dir, progress=False), prompts, spec)
     assert [r.answers for r in records] == [r.answers for r in local]
     assert [r.source for r in records] == [p.source for p in prompts] and seconds > 0
@@ -264,7 +300,9 @@ def test_subprocess_failure_is_reported(tmp_path: Path) -> None:
     fake_python.write_text("#!/bin/sh\necho loading model\necho 'CUDA error: out of memory' >&2\nexit 3\n")
     fake_python.chmod(0o755)
     with pytest.raises(RuntimeError, match="exited with 3") as err:
-        run_generation_subprocess(fake_python, tmp_path, [BenchmarkPrompt("0", ["hello"])], SamplingSpec(), tmp_path)
+        run_generation_subprocess(
+            fake_python, tmp_path, [BenchmarkPrompt("0", ["hello"])], SamplingSpec(), tmp_path
+        )
     assert "CUDA error: out of memory" in str(err.value)  # the streamed output's tail explains the failure
 
 
@@ -273,45 +311,87 @@ def test_subprocess_failure_is_reported(tmp_path: Path) -> None:
 
 QUESTION_FILES = {
     "plain": ("prompts.jsonl", [{"id": 7, "prompt": "hello"}, {"id": 8, "prompt": "tell me about w1"}]),
-    "alpaca_eval": ("alpaca.json", [{"instruction": "hello", "dataset": "helpful_base"},
-                                    {"instruction": "tell me about w1", "dataset": "oasst"}]),
-    "arena_hard": ("question.jsonl", [
-        {"question_id": "a1b2", "category": "arena-hard-v0.1", "cluster": "c", "turns": [{"content": "hello"}]},
-        {"question_id": "c3d4", "category": "arena-hard-v0.1", "cluster": "c", "turns": [{"content": "w7 w8"}]},
-    ]),
+    "alpaca_eval": (
+        "alpaca.json",
+        [
+            {"instruction": "hello", "dataset": "helpful_base"},
+            {"instruction": "tell me about w1", "dataset": "oasst"},
+        ],
+    ),
+    "arena_hard": (
+        "question.jsonl",
+        [
+            {
+                "question_id": "a1b2",
+                "category": "arena-hard-v0.1",
+                "cluster": "c",
+                "turns": [{"content": "hello"}],
+            },
+            {
+                "question_id": "c3d4",
+                "category": "arena-hard-v0.1",
+                "cluster": "c",
+                "turns": [{"content": "w7 w8"}],
+            },
+        ],
+    ),
     "mt_bench": ("question.jsonl", MT_QUESTIONS),
-}  # fmt: skip
+}
 
 
-@pytest.mark.parametrize("benchmark", list(QUESTION_FILES))
-def test_generate_answers_writes_every_format(benchmark: str, model_dir: Path, tmp_path: Path) -> None:
-    name, rows = QUESTION_FILES[benchmark]
+@pytest.mark.parametrize("bench", list(QUESTION_FILES))
+def test_generate_answers_writes_every_format(bench: str, model_dir: Path, tmp_path: Path) -> None:
+    name, rows = QUESTION_FILES[bench]
     path = tmp_path / name
     text = json.dumps(rows) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in rows)
     path.write_text(text)
-    cfg = GenerateConfig(backend="transformers", benchmark=benchmark, prompts=str(path), temperature=1.0,
-                         max_new_tokens=5, n=2, seed=1, batch_size=2)  # fmt: skip
+    cfg = GenerateConfig(
+        backend="transformers",
+        benchmark=bench,
+        prompts=str(path),
+        temperature=1.0,
+        max_new_tokens=5,
+        n=2,
+        seed=1,
+        batch_size=2,
+    )
     out = tmp_path / "out"
     stats = generate_answers(cfg, model_dir, str(path), out, model_name="tiny-policy")
 
-    assert set(stats) == {"backend", "n_prompts", "tokens_per_second", "seconds", "mean_answer_tokens", "files"}
+    assert set(stats) == {
+        "backend",
+        "n_prompts",
+        "tokens_per_second",
+        "seconds",
+        "mean_answer_tokens",
+        "files",
+    }
     assert stats["backend"] == "transformers" and stats["n_prompts"] == 2
     assert stats["tokens_per_second"] > 0 and 1 <= stats["mean_answer_tokens"] <= 5
     records = read_generations(out / "generations.jsonl")
     lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    n_turns = 2 if benchmark == "mt_bench" else 1
+    n_turns = 2 if bench == "mt_bench" else 1
     for line, row in zip(lines, rows, strict=True):
-        assert set(line) == {"id", "category", "turns", "outputs", "answers", "n_tokens", "finish_reasons",
-                             "generator", "source"}  # fmt: skip
+        assert set(line) == {
+            "id",
+            "category",
+            "turns",
+            "outputs",
+            "answers",
+            "n_tokens",
+            "finish_reasons",
+            "generator",
+            "source",
+        }
         assert line["generator"] == "tiny-policy" and line["source"] == row
         assert len(line["answers"]) == 2 and all(len(sample) == n_turns for sample in line["answers"])
         assert line["outputs"] == [sample[-1] for sample in line["answers"]]
         assert all(r in ("eos", "stop", "length") for s in line["finish_reasons"] for r in s)
 
-    if benchmark == "plain":
+    if bench == "plain":
         assert stats["files"] == ["generations.jsonl"]
         assert [r.id for r in records] == ["7", "8"]
-    elif benchmark == "alpaca_eval":
+    elif bench == "alpaca_eval":
         outputs = json.loads((out / "alpaca_eval.json").read_text())
         assert isinstance(outputs, list) and len(outputs) == 2
         for entry, row, record in zip(outputs, rows, records, strict=True):
@@ -319,7 +399,7 @@ def test_generate_answers_writes_every_format(benchmark: str, model_dir: Path, t
             assert entry["instruction"] == row["instruction"] and entry["dataset"] == row["dataset"]
             assert entry["output"] == record.answers[0][0] and entry["generator"] == "tiny-policy"
     else:
-        answers = [json.loads(line) for line in (out / f"{benchmark}.jsonl").read_text().splitlines()]
+        answers = [json.loads(line) for line in (out / f"{bench}.jsonl").read_text().splitlines()]
         for entry, row, record in zip(answers, rows, records, strict=True):
             assert set(entry) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
             assert entry["question_id"] == row["question_id"]  # original type: int for MT-Bench
@@ -329,7 +409,7 @@ def test_generate_answers_writes_every_format(benchmark: str, model_dir: Path, t
             assert [c["index"] for c in entry["choices"]] == [0, 1]
             for choice, sample, counts in zip(entry["choices"], record.answers, record.n_tokens, strict=True):
                 assert set(choice) == {"index", "turns"}
-                if benchmark == "arena_hard":
+                if bench == "arena_hard":
                     assert choice["turns"] == [{"content": a, "token_len": n} for a, n in zip(sample, counts)]
                 else:
                     assert choice["turns"] == sample and len(sample) == 2
@@ -347,9 +427,19 @@ def test_vllm_backend_samples_reproducibly(tmp_path: Path) -> None:
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-                         vocab_size=len(tok), pad_token_id=0, eos_token_id=1, bos_token_id=None)  # fmt: skip
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)  # head_dim 64: every attention kernel
+    config = LlamaConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        vocab_size=len(tok),
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(
+        tmp_path
+    )  # head_dim 64: every attention kernel
     tok.save_pretrained(tmp_path)
     llm = VLLMBackend(tmp_path, seed=0, max_model_len=256, gpu_memory_utilization=0.3)
     convs = [conv(p) for p in PROMPTS]
@@ -363,3 +453,19 @@ def test_vllm_backend_samples_reproducibly(tmp_path: Path) -> None:
     if len(words) >= 3:
         cut = llm.generate(convs[:1], SamplingSpec(temperature=0, max_new_tokens=8, stop=(words[2],)))[0][0]
         assert words[2] not in cut.text and cut.finish_reason == "stop"
+
+
+@pytest.mark.gpu
+def test_transformers_backend_on_cuda(model_dir: Path, backend: TransformersBackend) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gpu = TransformersBackend(model_dir, device="cuda", dtype=torch.float32, batch_size=4, progress=False)
+    greedy = SamplingSpec(temperature=0, max_new_tokens=8)
+    batched = [row[0].text for row in gpu.generate([conv(p) for p in PROMPTS], greedy)]
+    assert batched == [gpu.generate([conv(p)], greedy)[0][0].text for p in PROMPTS]
+    assert batched == [row[0].text for row in backend.generate([conv(p) for p in PROMPTS], greedy)]  # = CPU
+    spec = SamplingSpec(temperature=1.0, max_new_tokens=8, n=2, seed=3)
+    state = torch.cuda.get_rng_state()
+    first = [[c.text for c in row] for row in gpu.generate([conv(p) for p in PROMPTS], spec)]
+    assert torch.equal(torch.cuda.get_rng_state(), state), "generation must not consume the caller's CUDA RNG"
+    assert first == [[c.text for c in row] for row in gpu.generate([conv(p) for p in PROMPTS], spec)]

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from pytest import MonkeyPatch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from selpo_core import scoring
@@ -29,14 +30,16 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    specials = {"pad_token": "<pad>", "eos_token": "<eos>", "unk_token": "<unk>"}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
 
 def _tiny_llama(vocab_size: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
     # Random init gives near-uniform logits; larger weights make log-probs differ visibly between tokens.
@@ -88,6 +91,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     torch.set_num_threads(threads)
 
 
+def _score(setup: dict, out_dir: Path, cfg: ScoreConfig = FP32, **kwargs: int) -> dict:
+    return score_pairs(setup["pairs"], setup["oracle"], setup["reference"], cfg, out_dir, **kwargs)
+
+
 def _direct_logps(model: LlamaForCausalLM, prompt: list[int], response: list[int]) -> np.ndarray:
     """Independent reference: one unpadded sequence, full fp32 logits, log_softmax, gather."""
     ids = torch.tensor([prompt + response])
@@ -98,9 +105,8 @@ def _direct_logps(model: LlamaForCausalLM, prompt: list[int], response: list[int
 
 
 def _direct(setup: dict) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-    oracle, ref = (
-        LlamaForCausalLM.from_pretrained(setup[name], dtype=torch.float32).eval() for name in ("oracle", "reference")
-    )
+    load = LlamaForCausalLM.from_pretrained
+    oracle, ref = (load(setup[name], dtype=torch.float32).eval() for name in ("oracle", "reference"))
     out = {}
     for pair in setup["pairs"]:
         for side in ("chosen", "rejected"):
@@ -126,7 +132,7 @@ def test_fp32_scores_match_direct_computation_and_inputs(setup: dict) -> None:
             assert row["token_ids"] == list(getattr(pair, f"{side}_ids"))
             assert row["text"] == getattr(pair, f"{side}_text")
             offsets = getattr(pair, f"{side}_offsets")
-            assert row["offset_start"] == [o[0] for o in offsets] and row["offset_end"] == [o[1] for o in offsets]
+            assert list(zip(row["offset_start"], row["offset_end"])) == [tuple(o) for o in offsets]
             oracle, ref = (np.array(row[c], np.float32) for c in ("oracle_logps", "ref_logps"))
             want_oracle, want_ref = direct[(pair.example_id, side)]
             np.testing.assert_allclose(oracle, want_oracle, atol=2e-5, rtol=0)
@@ -149,7 +155,7 @@ def test_metrics(setup: dict) -> None:
 
 def test_bf16_close_to_fp32(setup: dict, tmp_path: Path) -> None:
     cfg = ScoreConfig(beta=0.5, precision="bf16", shard_rows=50, batch_tokens=512)
-    score_pairs(setup["pairs"], setup["oracle"], setup["reference"], cfg, tmp_path)
+    _score(setup, tmp_path, cfg)
     bf16 = scores_to_pair_lookup(read_scores(tmp_path))
     fp32 = scores_to_pair_lookup(setup["baseline"])
     diffs = [
@@ -176,20 +182,22 @@ def test_plan_independent_of_input_order(setup: dict, tmp_path: Path) -> None:
     assert read_scores(tmp_path).equals(setup["baseline"])
 
 
-def test_resume_after_interruption_is_identical(setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_interruption_is_identical(
+    setup: dict, tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
     def crash_after_shard_1(index: int) -> None:
         if index == 1:
             raise KeyboardInterrupt("simulated crash")
 
     monkeypatch.setattr(scoring, "_after_shard_written", crash_after_shard_1)
     with pytest.raises(KeyboardInterrupt):
-        score_pairs(setup["pairs"], setup["oracle"], setup["reference"], FP32, tmp_path)
+        _score(setup, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
     assert not list(tmp_path.glob(".*tmp*"))  # no temp file left behind
     with pytest.raises(ScoresError, match="part-00002.parquet is missing"):
         read_scores(tmp_path)
     monkeypatch.undo()
-    metrics = score_pairs(setup["pairs"], setup["oracle"], setup["reference"], FP32, tmp_path)
+    metrics = _score(setup, tmp_path)
     assert metrics["shards_reused"] == 2 and metrics["shards_scored"] == 3
     assert read_scores(tmp_path).equals(setup["baseline"])
 
@@ -200,14 +208,34 @@ def test_truncated_and_corrupt_shards_are_detected_and_recomputed(setup: dict, t
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     with pytest.raises(ScoresError, match="part-00001.parquet is unreadable"):
         read_scores(tmp_path)
-    # One flipped byte inside the data pages: the footer still parses, only the page checksum can tell.
     data = bytearray(corrupt.read_bytes())
     data[len(data) // 4] ^= 0xFF
     corrupt.write_bytes(bytes(data))
-    assert not scoring._validate_shard(corrupt, _plan_entry(tmp_path, corrupt.name))[0]
-    metrics = score_pairs(setup["pairs"], setup["oracle"], setup["reference"], FP32, tmp_path)
+    assert scoring._validate_shard(corrupt, _plan_entry(tmp_path, corrupt.name))[0] is None
+    metrics = _score(setup, tmp_path)
     assert metrics["shards_scored"] == 2 and metrics["shards_reused"] == 3
     assert read_scores(tmp_path).equals(setup["baseline"])
+
+
+def test_no_flipped_byte_passes_as_valid_data(setup: dict, tmp_path: Path) -> None:
+    # Many flips inside compressed data pages still decode (to wrong numbers); only the page checksums and
+    # the full validation catch them. Every flip must be rejected or leave the data unchanged.
+    source = setup["baseline_dir"] / "part-00003.parquet"
+    entry = _plan_entry(setup["baseline_dir"], source.name)
+    good, _ = scoring._validate_shard(source, entry)
+    assert good is not None
+    original, target = source.read_bytes(), tmp_path / source.name
+    rejected = 0
+    for i in range(0, len(original), 7):
+        data = bytearray(original)
+        data[i] ^= 0xFF
+        target.write_bytes(bytes(data))
+        table, _ = scoring._validate_shard(target, entry)
+        if table is None:
+            rejected += 1
+        else:
+            assert table.equals(good), f"flipping byte {i} gave different data that passed as valid"
+    assert rejected > len(original) // 14  # most bytes matter
 
 
 def _plan_entry(directory: Path, name: str) -> dict:
@@ -220,7 +248,7 @@ def _plan_entry(directory: Path, name: str) -> dict:
 def test_changed_settings_recompute_every_shard(setup: dict, tmp_path: Path) -> None:
     shutil.copytree(setup["baseline_dir"], tmp_path, dirs_exist_ok=True)
     cfg = ScoreConfig(beta=2.0, precision="fp32", shard_rows=8, batch_tokens=160)
-    metrics = score_pairs(setup["pairs"], setup["oracle"], setup["reference"], cfg, tmp_path)
+    metrics = _score(setup, tmp_path, cfg)
     assert metrics["shards_reused"] == 0
     table = read_scores(tmp_path)
     assert table.column("log_ratio").equals(setup["baseline"].column("log_ratio"))
@@ -230,15 +258,15 @@ def test_changed_settings_recompute_every_shard(setup: dict, tmp_path: Path) -> 
 
 
 def test_two_ranks_equal_one(setup: dict, tmp_path: Path) -> None:
-    metrics = score_pairs(setup["pairs"], setup["oracle"], setup["reference"], FP32, tmp_path, rank=0, world_size=2)
+    metrics = _score(setup, tmp_path, rank=0, world_size=2)
     assert metrics["shards_scored"] == 3 and metrics["shards_total"] == 5
     with pytest.raises(ScoresError, match="part-00001.parquet is missing"):
         read_scores(tmp_path)
-    metrics = score_pairs(setup["pairs"], setup["oracle"], setup["reference"], FP32, tmp_path, rank=1, world_size=2)
+    metrics = _score(setup, tmp_path, rank=1, world_size=2)
     assert metrics["shards_scored"] == 2
     assert read_scores(tmp_path).equals(setup["baseline"])
     with pytest.raises(ValueError, match="rank"):
-        score_pairs(setup["pairs"], setup["oracle"], setup["reference"], FP32, tmp_path, rank=2, world_size=2)
+        _score(setup, tmp_path, rank=2, world_size=2)
 
 
 def test_read_scores_without_plan_file(setup: dict, tmp_path: Path) -> None:
@@ -254,7 +282,7 @@ def test_read_scores_without_plan_file(setup: dict, tmp_path: Path) -> None:
 
 
 def test_one_model_at_a_time_identical_and_resumes_with_reference_only(
-    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    setup: dict, tmp_path: Path, monkeypatch: MonkeyPatch
 ) -> None:
     cfg = ScoreConfig(beta=0.5, precision="fp32", shard_rows=8, batch_tokens=160, one_model_at_a_time=True)
     loaded: list[str] = []
@@ -271,12 +299,12 @@ def test_one_model_at_a_time_identical_and_resumes_with_reference_only(
     monkeypatch.setattr(scoring, "load_model", counting_load)
     monkeypatch.setattr(scoring, "_after_shard_written", crash_after_shard_1)
     with pytest.raises(RuntimeError, match="simulated"):
-        score_pairs(setup["pairs"], setup["oracle"], setup["reference"], cfg, tmp_path)
+        _score(setup, tmp_path, cfg)
     assert loaded == ["oracle", "reference"]
     assert len(list(tmp_path.glob(".oracle-part-*.parquet"))) == 3  # spills of the shards not final yet
     monkeypatch.setattr(scoring, "_after_shard_written", lambda index: None)
     loaded.clear()
-    metrics = score_pairs(setup["pairs"], setup["oracle"], setup["reference"], cfg, tmp_path)
+    metrics = _score(setup, tmp_path, cfg)
     assert loaded == ["reference"]  # the oracle pass was kept on disk
     assert metrics["shards_reused"] == 2 and metrics["shards_scored"] == 3
     assert not list(tmp_path.glob(".oracle-*"))

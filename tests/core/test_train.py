@@ -68,6 +68,13 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These checks are about the loop, in exact fp32 arithmetic: run them on CPU even on a GPU host."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+
+
 @pytest.fixture
 def in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unshuffled plans: batches of 4 then pair up exactly into the batches of 8 (any seed, any epoch)."""
@@ -230,7 +237,9 @@ def _free_port() -> int:
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU even on a GPU host (one GPU cannot hold two ranks)
+    env.pop("ACCELERATE_USE_CPU", None)  # the worker must find the CPU-only multi-process case by itself
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(HERE / "ddp_worker.py"), "--out", str(out), "--steps", "3", "--batch-size", "4"]
@@ -250,3 +259,24 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path: Path) -
     rng_files = {p.name for p in final.glob("random_states_*.pkl")}
     assert rng_files == {"random_states_0.pkl", "random_states_1.pkl"}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_precision_trains_in_bf16_and_resumes(tmp_path: Path) -> None:
+    seen: list[tuple[str, torch.dtype | None]] = []
+
+    def step(model: Any, batch: dict[str, torch.Tensor]) -> Any:
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        seen.append((batch["input_ids"].device.type, autocast))
+        return tiny.sft_step(model, batch)
+
+    cfg = fp32(max_steps=4, precision="auto", save_every=2)
+    model, result = run(cfg, tmp_path, step_fn=step, name="cuda")
+    assert set(seen) == {("cuda", torch.bfloat16)}
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cuda", torch.float32)}
+    assert result.steps == 4 and result.final_metrics["loss"] == result.final_metrics["loss"]  # not NaN
+    # A finished run resumes to its end on the GPU too, restoring weights on the device.
+    again, again_result = run(cfg, tmp_path, name="cuda")
+    assert again_result.resumed_from_step == 4
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
