@@ -97,3 +97,19 @@ def test_scoring_under_torchrun_with_two_ranks_matches_one_process(tmp_path: Pat
         one = [value for row in one_rank.column(column).to_pylist() for value in row]
         two = [value for row in two_ranks.column(column).to_pylist() for value in row]
         assert one == pytest.approx(two, abs=1e-5)
+
+
+def test_weak_to_strong_policy_larger_than_the_oracle(tmp_path: Path) -> None:
+    cfg = load_run_config(ROOT / "configs/tiny.yaml", {"runs_dir": str(tmp_path), "name": "w2s",
+                                                       "policy_model.tiny_hidden_size": 32,
+                                                       "policy_model.tiny_layers": 2})
+    sepo_dir = stages.run_upto(cfg, "policy", "sepo")
+    dpo_dir = stages.run_upto(cfg, "policy", "dpo")
+    sepo = json.loads((sepo_dir / "manifest.json").read_text())
+    dpo = json.loads((dpo_dir / "manifest.json").read_text())
+    oracle = json.loads((next((tmp_path / "w2s").glob("oracle-*[0-9a-f]")) / "manifest.json").read_text())
+    assert sepo["metrics"]["parameters"] > 2 * oracle["metrics"]["parameters"]
+    # The larger policy starts from its own SFT; DPO anchors on it, so it cannot reuse the small model's scores.
+    assert "sft_policy_model" in sepo["inputs"]["policy_init"]["path"]
+    assert dpo["metrics"]["reads_ref_logps_from_scores"] is False
+    assert dpo["inputs"]["reference"]["path"] == dpo["inputs"]["policy_init"]["path"]
