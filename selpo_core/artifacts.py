@@ -10,6 +10,7 @@ Long stages that must resume inside (training checkpoints, scoring shards) keep 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,10 +26,12 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """Version of selpo that produced an artifact: the package version plus a hash of selpo_core's sources.
 
-    Hashing the sources (not git) means an edited checkout never reuses artifacts made by other code.
+    Hashing the sources (not git) means an edited checkout never reuses artifacts made by other code. Computed
+    once per process, so a stage is planned and written under the same key even while files are edited.
     """
     root = Path(__file__).parent
     digest = hashlib.sha256()

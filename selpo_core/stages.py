@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.field=value")
     parser.add_argument("--method", default=None, help="policy method for the policy/generate/evaluate stages")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     cfg = load_run_config(args.config, args.overrides)
     if args.stage == "all":
         from selpo_core.report import format_table
@@ -569,6 +569,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(run_upto(cfg, args.stage, args.method or cfg.policy.methods[0]))
     return 0
+
+
+def configure_logging() -> None:
+    """selpo's own progress at INFO; third-party per-file chatter (checkpoint saves, weight loading) hidden."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def run_upto(cfg: RunConfig, stage: str, method: str) -> Path:

@@ -1,0 +1,201 @@
+"""The tiny pipeline through Prefect: a full run, resume after a failure, cache reuse and invalidation.
+
+One module-scoped run (fail in `score`, then resume) is shared by the tests; each later test leaves the run's
+base configuration complete, so they can run in any order after it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flow_helpers import TINY_CONFIG, StageCalls, install_stage_spies, task_run_states
+
+FAIL_AT = "score"
+BEFORE = ["make synthetic task", "prepare data", "SFT reference", "train oracle"]
+FROM_FAILED = ["score tokens", "select key tokens", "generate [reference]", "train policy [sepo]", "generate [sepo]",
+               "evaluate [sepo]", "train policy [dpo]", "generate [dpo]", "evaluate [dpo]"]
+STAGE_RECORDS = ["synthetic", "data", "sft", "oracle", "score", "select", "generate_reference", "policy_sepo",
+                 "generate_sepo", "evaluate_sepo", "policy_dpo", "generate_dpo", "evaluate_dpo"]
+
+
+@dataclass
+class ResumedRun:
+    runs_dir: Path
+    overrides: dict[str, Any]
+    failed_states: dict[str, str]
+    failed_calls: dict[str, int]
+    resumed_states: dict[str, str]
+    resumed_calls: dict[str, int]
+    summary: dict[str, Any]
+    summary_file: dict[str, Any]
+    flow_run_id: Any
+
+
+def run_pipeline(overrides: dict[str, Any], **extra: Any) -> tuple[Any, dict[str, str]]:
+    from flows import sepo_pipeline
+
+    state = sepo_pipeline(TINY_CONFIG, overrides, return_state=True, **extra)
+    return state, task_run_states(state.state_details.flow_run_id,
+                                  expected={"write summary"} if state.is_completed() else None)
+
+
+@pytest.fixture(scope="module")
+def resumed_run(prefect_harness: Path, tmp_path_factory: pytest.TempPathFactory) -> ResumedRun:
+    runs_dir = tmp_path_factory.mktemp("runs")
+    overrides = {"runs_dir": str(runs_dir)}
+    with pytest.MonkeyPatch.context() as patch:
+        calls = install_stage_spies(patch)
+        failed, failed_states = run_pipeline({**overrides, "fail_stage": FAIL_AT})
+        failed_calls = calls.ran()
+        calls.reset()
+        resumed, resumed_states = run_pipeline(overrides)
+        resumed_calls = calls.ran()
+    assert failed.is_failed(), failed
+    assert resumed.is_completed(), resumed
+    summary = resumed.result()
+    summary_file = json.loads((runs_dir / "tiny" / "summary.json").read_text())
+    return ResumedRun(runs_dir, overrides, failed_states, failed_calls, resumed_states, resumed_calls, summary,
+                      summary_file, resumed.state_details.flow_run_id)
+
+
+def test_whole_pipeline_writes_summary_and_artifacts(resumed_run: ResumedRun) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    summary = resumed_run.summary_file
+    assert summary == json.loads(json.dumps(resumed_run.summary))  # the flow returns what it wrote
+    assert {"token_auroc", "selection_precision"} <= set(summary["oracle"])
+    assert set(summary["policy"]) == {"sepo", "dpo"}
+    for row in summary["policy"].values():
+        assert {"reward_gain", "kl", "trained_token_fraction"} <= set(row)
+    assert list(summary["stages"]) == STAGE_RECORDS
+    for row in summary["stages"].values():
+        assert isinstance(row["seconds"], float | int) and isinstance(row["cached"], bool)
+        assert (Path(row["dir"]) / "manifest.json").is_file()
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[resumed_run.flow_run_id])))
+    by_key = {artifact.key: artifact for artifact in artifacts}
+    assert {"tiny-results", "tiny-dir", "tiny-token-heatmap"} <= set(by_key)
+    assert "| method | reward gain" in by_key["tiny-results"].data
+    assert "token_heatmap.html" in by_key["tiny-token-heatmap"].data
+    assert "| pair | side | response |" in by_key["tiny-token-heatmap"].data  # the embedded excerpt
+    assert by_key["tiny-dir"].data.startswith("[") or "file://" in str(by_key["tiny-dir"].data)
+
+
+def test_failed_run_resumes_at_the_failed_stage(resumed_run: ResumedRun) -> None:
+    # The failing run: the stages before `score` completed, `score` failed, nothing after it started.
+    assert {name: resumed_run.failed_states.get(name) for name in BEFORE} == dict.fromkeys(BEFORE, "Completed")
+    assert resumed_run.failed_states["score tokens"] == "Failed"
+    assert not set(FROM_FAILED[1:]) & set(resumed_run.failed_states)
+    assert resumed_run.failed_calls == {"make_synthetic": 1, "prepare_data": 1, "sft": 1, "train_oracle": 1,
+                                        "score_tokens": 1}
+    # The re-run: stages < k come from the cache (never called), stages >= k run, each once.
+    assert {name: resumed_run.resumed_states[name] for name in BEFORE} == dict.fromkeys(BEFORE, "Cached")
+    assert {name: resumed_run.resumed_states[name] for name in FROM_FAILED} == dict.fromkeys(FROM_FAILED, "Completed")
+    assert resumed_run.resumed_calls == {"score_tokens": 1, "select_tokens": 1, "generate": 3, "train_policy": 2,
+                                         "evaluate": 2}
+    cached = {name: row["cached"] for name, row in resumed_run.summary["stages"].items()}
+    assert cached == {name: name in ("synthetic", "data", "sft", "oracle") for name in STAGE_RECORDS}
+
+
+def test_new_run_with_same_inputs_reuses_everything(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
+    state, states = run_pipeline(resumed_run.overrides)
+    assert state.is_completed()
+    assert stage_calls.ran() == {}
+    assert {name: states[name] for name in BEFORE + FROM_FAILED} == dict.fromkeys(BEFORE + FROM_FAILED, "Cached")
+    assert all(row["cached"] for row in state.result()["stages"].values())
+
+
+def test_changing_policy_beta_reruns_exactly_the_dependent_stages(resumed_run: ResumedRun,
+                                                                  stage_calls: StageCalls) -> None:
+    state, states = run_pipeline({**resumed_run.overrides, "policy.beta": 0.25})
+    assert state.is_completed()
+    # beta enters the policy and evaluate stages; the policies' answers change with them. The oracle, scores,
+    # selection and the reference's answers do not depend on it.
+    assert stage_calls.ran() == {"train_policy": 2, "generate": 2, "evaluate": 2}
+    rerun = {"train policy [sepo]", "generate [sepo]", "evaluate [sepo]", "train policy [dpo]", "generate [dpo]",
+             "evaluate [dpo]"}
+    assert {name for name in BEFORE + FROM_FAILED if states[name] != "Cached"} == rerun
+
+
+def test_deleting_a_cached_artifact_recomputes_it(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
+    oracle_dir = Path(resumed_run.summary["stages"]["oracle"]["dir"])
+    fingerprint = json.loads((oracle_dir / "manifest.json").read_text())["fingerprint"]
+    shutil.rmtree(oracle_dir)
+    state, states = run_pipeline(resumed_run.overrides)
+    assert state.is_completed()
+    assert (oracle_dir / "manifest.json").is_file()
+    assert states["train oracle"] == "Completed" and stage_calls["train_oracle"] == 1
+    assert [states[name] for name in BEFORE[:3]] == ["Cached"] * 3
+    # Same config and inputs -> same directory and fingerprint (it hashes key and file sizes), so what depends
+    # on the oracle is still valid and stays cached.
+    assert json.loads((oracle_dir / "manifest.json").read_text())["fingerprint"] == fingerprint
+    assert stage_calls.ran() == {"train_oracle": 1}
+
+
+def test_incomplete_artifact_recomputes(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
+    """A directory that lost a file (crash, manual edit) is not complete: the cached result is not trusted."""
+    selection_dir = Path(resumed_run.summary["stages"]["select"]["dir"])
+    (selection_dir / "selection.parquet").unlink()
+    state, states = run_pipeline(resumed_run.overrides)
+    assert state.is_completed()
+    assert states["select key tokens"] == "Completed"
+    assert stage_calls["select_tokens"] == 1
+    assert (selection_dir / "selection.parquet").is_file()
+
+
+def test_stage_flow_reuses_upstream_and_accepts_own_artifacts(resumed_run: ResumedRun,
+                                                              stage_calls: StageCalls) -> None:
+    from flows import score_flow, select_flow
+
+    stages = resumed_run.summary["stages"]
+    assert score_flow(TINY_CONFIG, resumed_run.overrides) == stages["score"]["dir"]
+    given = score_flow(TINY_CONFIG, resumed_run.overrides, oracle_dir=stages["oracle"]["dir"],
+                       reference_dir=stages["sft"]["dir"], data_dir=stages["data"]["dir"])
+    assert given == stages["score"]["dir"]
+    assert select_flow(TINY_CONFIG, resumed_run.overrides) == stages["select"]["dir"]
+    assert stage_calls.ran() == {}
+
+
+def test_compare_methods_shares_oracle_and_scores(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
+    from flows import compare_methods
+
+    summary = compare_methods(TINY_CONFIG, resumed_run.overrides, methods=["dpo", "ipo"])
+    assert set(summary["policy"]) == {"dpo", "ipo"}
+    assert stage_calls.ran() == {"train_policy": 1, "generate": 1, "evaluate": 1}  # ipo only
+    assert summary["stages"]["score"]["cached"] and summary["stages"]["policy_dpo"]["cached"]
+
+
+def test_cli_run_stage_and_report(resumed_run: ResumedRun, capsys: pytest.CaptureFixture[str]) -> None:
+    from deployments.cli import main
+
+    runs = f"runs_dir={resumed_run.runs_dir}"
+    assert main(["run", TINY_CONFIG, "--set", runs]) == 0
+    assert "| method | reward gain" in capsys.readouterr().out
+    assert main(["stage", "oracle", TINY_CONFIG, "--set", runs]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == resumed_run.summary["stages"]["oracle"]["dir"]
+    assert main(["report", str(resumed_run.runs_dir / "tiny")]) == 0
+    assert "| oracle | token AUROC" in capsys.readouterr().out
+    assert main(["run", TINY_CONFIG, "--set", runs, "--set", "policy.beta=-1"]) == 1
+    assert "policy.beta" in capsys.readouterr().err
+
+
+def test_launcher_runs_the_stage_in_fresh_processes(resumed_run: ResumedRun, stage_calls: StageCalls,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """SELPO_LAUNCHER (accelerate launch / torchrun on a GPU host; plain python here) runs the stage outside the
+    flow's process; the task only streams its output and returns the finished dir."""
+    from flows import oracle_flow
+
+    oracle_dir = Path(resumed_run.summary["stages"]["oracle"]["dir"])
+    shutil.rmtree(oracle_dir)
+    monkeypatch.setenv("SELPO_LAUNCHER", "python")
+    assert oracle_flow(TINY_CONFIG, resumed_run.overrides) == str(oracle_dir)
+    assert (oracle_dir / "manifest.json").is_file()
+    assert stage_calls.ran() == {}  # not in this process
