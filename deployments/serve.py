@@ -28,12 +28,15 @@ DEFAULT_METHODS = ["sepo", "dpo", "ipo", "tdpo2"]
 NIGHTLY = "0 3 * * *"
 
 
+TSO_CONFIG = "configs/tso_demo.yaml"
+
+
 def build_deployments(config_path: str | None = DEFAULT_CONFIG,
                       overrides: dict[str, Any] | None = None) -> list[RunnerDeployment]:
     """The pipeline, the method comparison, and one deployment per stage flow, all named after the config."""
     from prefect.schedules import Cron
 
-    from flows import STAGE_FLOWS, compare_methods, sepo_pipeline
+    from flows import STAGE_FLOWS, compare_methods, sepo_pipeline, tso_flow
 
     config_path = config_path or DEFAULT_CONFIG
     name = Path(config_path).stem
@@ -47,6 +50,11 @@ def build_deployments(config_path: str | None = DEFAULT_CONFIG,
         compare_methods.to_deployment(
             name=name, parameters={**base, "methods": DEFAULT_METHODS, "run_name": None}, tags=["selpo"],
             description="Several policy methods from the same cached oracle, scores and selection."),
+        tso_flow.to_deployment(
+            name="tso-demo", parameters={"config_path": TSO_CONFIG, "overrides": {}, "run_name": None},
+            tags=["selpo", "tso"],
+            description="TSO: rounds of model-matrix generation, judging with feedback correction and dual-clip "
+                        "DPO; each round's stages cached, a failed round resumes."),
     ]
     deployments += [stage_flow.to_deployment(name=name, parameters=dict(base), tags=["selpo", "stage"],
                                              description=stage_flow.description)

@@ -13,6 +13,7 @@ from flows.stage_flows import (
     select_flow,
     sft_flow,
 )
+from flows.tso import tso_flow
 
 __all__ = ["STAGE_FLOWS", "compare_methods", "data_flow", "evaluate_flow", "generate_flow", "oracle_flow",
-           "policy_flow", "score_flow", "select_flow", "sepo_pipeline", "sft_flow"]
+           "policy_flow", "score_flow", "select_flow", "sepo_pipeline", "sft_flow", "tso_flow"]

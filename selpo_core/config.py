@@ -367,6 +367,59 @@ class EvaluateConfig:
         _positive("evaluate", "batch_size", self.batch_size)
 
 
+JUDGES = ("truth", "reward_model", "labels")
+PAIRINGS = ("best_vs_worst", "all_adjacent")
+ROUND_LOSSES = ("tso", "dpo", "ipo")
+
+
+@dataclass(frozen=True)
+class TSOConfig:
+    """The TSO loop (the `tso:` section of a run YAML). Loss settings live in `policy` (beta, tso_* clip bounds)."""
+
+    rounds: int = 3
+    """Rounds of generate -> judge -> train; the reference of round r+1 is the policy of round r."""
+    prompts_per_round: int = 64
+    """Fresh training prompts per round (a seeded permutation, sliced per round; wraps when exhausted). 0: all."""
+    generators: tuple[str, ...] = ()
+    """The model matrix besides the current policy (always included): model dirs, hub ids, or `initial`."""
+    include_human: bool = True
+    """Add the dataset's chosen responses to each prompt as candidates (the human-written ones)."""
+    samples_per_model: int = 2
+    """Answers per prompt from each generator (and at most this many human responses)."""
+    temperature: float = 1.0
+    """Sampling temperature of the candidates (the rest of the sampling comes from `generate`)."""
+    judge: str = "truth"
+    """truth (the synthetic task's ground truth), reward_model (judge_path: HF scalar RM), labels (judge_path)."""
+    judge_path: str = ""
+    """Reward model dir/hub id, or a JSON/JSONL label file of {prompt, response, score} rows (higher is better)."""
+    pairing: str = "best_vs_worst"
+    """best_vs_worst: rank 1 vs last, then 2 vs second-last...; all_adjacent: neighbours in the ranking."""
+    pairs_per_prompt: int = 1
+    """Most pairs per prompt (all_adjacent keeps the largest judge margins first)."""
+    max_pairs_per_round: int = 0
+    """Cap on a round's pairs (a seeded random subset); 0: no cap."""
+    loss: str = "tso"
+    """Each round's loss: tso (dual-clip DPO); dpo or ipo for ablations of the clip."""
+    seed: int = 0
+    """Seed of the prompt permutation, candidate sampling and the pair cap."""
+    fail_round: int = 0
+    """Testing aid: fail this round's training (as fail_stage does) to exercise resume. Not part of any key."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "generators", tuple(self.generators))
+        _choice("tso", "judge", self.judge, JUDGES)
+        _choice("tso", "pairing", self.pairing, PAIRINGS)
+        _choice("tso", "loss", self.loss, ROUND_LOSSES)
+        for name in ("rounds", "samples_per_model", "pairs_per_prompt"):
+            _positive("tso", name, getattr(self, name))
+        for name in ("prompts_per_round", "max_pairs_per_round", "temperature", "fail_round"):
+            _positive("tso", name, getattr(self, name), allow_zero=True)
+        if self.judge != "truth" and not self.judge_path:
+            raise ConfigError(f"tso.judge={self.judge!r} needs tso.judge_path (a reward model or a label file)")
+        if self.fail_round > self.rounds:
+            raise ConfigError(f"tso.fail_round={self.fail_round} must be <= tso.rounds={self.rounds}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A whole pipeline run: sft? -> oracle -> score -> select -> policy (per method) -> generate -> evaluate."""
@@ -388,6 +441,8 @@ class RunConfig:
     policy: PolicyConfig = PolicyConfig()
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tso: TSOConfig = TSOConfig()
+    """TSO's iterative self-training loop (flows/tso.py); unused by the SePO pipeline."""
     fail_stage: str = ""
     """Testing aid: raise in this stage (after its inputs load) to exercise resume. Not part of any cache key."""
 
@@ -538,6 +593,6 @@ def replace(config: Any, **changes: Any) -> Any:
 
 __all__ = [
     "ConfigError", "SyntheticConfig", "DataConfig", "ModelConfig", "TrainConfig", "SFTConfig", "OracleConfig",
-    "ScoreConfig", "SelectConfig", "PolicyConfig", "GenerateConfig", "EvaluateConfig", "RunConfig",
+    "ScoreConfig", "SelectConfig", "PolicyConfig", "GenerateConfig", "EvaluateConfig", "TSOConfig", "RunConfig",
     "load_run_config", "save_config", "load_config", "to_dict", "from_dict", "parse_overrides", "field",
 ]

@@ -84,6 +84,9 @@ def make_preference_step(params: MethodParams, ref_model: Any | None) -> StepFn:
                     beta=params.beta, chosen_reward_max=params.tso_chosen_reward_max,
                     rejected_reward_min=params.tso_rejected_reward_min,
                 )
+                # Rewards are reported unclipped: these say how often the clip stopped a pair pulling.
+                metrics["clip/chosen_fraction"] = (out[1] > params.tso_chosen_reward_max).float().mean()
+                metrics["clip/rejected_fraction"] = (out[2] < params.tso_rejected_reward_min).float().mean()
         elif method == "simpo":
             out = losses.simpo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask,
                                     beta=params.simpo_beta, gamma_beta_ratio=params.simpo_gamma_beta_ratio)

@@ -18,83 +18,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from collections import Counter
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from selpo_core import stages
 from selpo_core.artifacts import StageOutput, atomic_write_json, read_manifest
-from selpo_core.config import (
-    ConfigError,
-    RunConfig,
-    _choice,
-    _deep_merge,
-    _positive,
-    from_dict,
-    parse_overrides,
-    replace,
-    to_dict,
-)
+from selpo_core.config import ConfigError, RunConfig, TSOConfig, load_run_config, replace, to_dict
+from selpo_core.tso_judge import implicit_rewards, judge_scores, pairs_from_ranking
 
 log = logging.getLogger("selpo.tso")
 
-JUDGES = ("truth", "reward_model", "labels")
-PAIRINGS = ("best_vs_worst", "all_adjacent")
-ROUND_LOSSES = ("tso", "dpo", "ipo")
 INITIAL = "initial"
 """Generator alias: the round-0 policy (the SFT start), a fixed member of the matrix next to the moving policy."""
-
-
-@dataclass(frozen=True)
-class TSOConfig:
-    """The TSO loop (the `tso:` section of a run YAML). Loss settings live in `policy` (beta, tso_* clip bounds)."""
-
-    rounds: int = 3
-    """Rounds of generate -> judge -> train; the reference of round r+1 is the policy of round r."""
-    prompts_per_round: int = 64
-    """Fresh training prompts per round (a seeded permutation, sliced per round; wraps when exhausted). 0: all."""
-    generators: tuple[str, ...] = ()
-    """The model matrix besides the current policy (always included): model dirs, hub ids, or `initial`."""
-    include_human: bool = True
-    """Add the dataset's chosen responses to each prompt as candidates (the human-written ones)."""
-    samples_per_model: int = 2
-    """Answers per prompt from each generator (and at most this many human responses)."""
-    temperature: float = 1.0
-    """Sampling temperature of the candidates (the rest of the sampling comes from `generate`)."""
-    judge: str = "truth"
-    """truth (the synthetic task's ground truth), reward_model (judge_path: HF scalar RM), labels (judge_path)."""
-    judge_path: str = ""
-    """Reward model dir/hub id, or a JSON/JSONL label file of {prompt, response, score} rows (higher is better)."""
-    pairing: str = "best_vs_worst"
-    """best_vs_worst: rank 1 vs last, then 2 vs second-last...; all_adjacent: neighbours in the ranking."""
-    pairs_per_prompt: int = 1
-    """Most pairs per prompt (all_adjacent keeps the largest judge margins first)."""
-    max_pairs_per_round: int = 0
-    """Cap on a round's pairs (a seeded random subset); 0: no cap."""
-    loss: str = "tso"
-    """Each round's loss: tso (dual-clip DPO); dpo or ipo for ablations of the clip."""
-    seed: int = 0
-    """Seed of the prompt permutation, candidate sampling and the pair cap."""
-    fail_round: int = 0
-    """Testing aid: fail this round's training (as fail_stage does) to exercise resume. Not part of any key."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "generators", tuple(self.generators))
-        _choice("tso", "judge", self.judge, JUDGES)
-        _choice("tso", "pairing", self.pairing, PAIRINGS)
-        _choice("tso", "loss", self.loss, ROUND_LOSSES)
-        for name in ("rounds", "samples_per_model", "pairs_per_prompt"):
-            _positive("tso", name, getattr(self, name))
-        for name in ("prompts_per_round", "max_pairs_per_round", "temperature", "fail_round"):
-            _positive("tso", name, getattr(self, name), allow_zero=True)
-        if self.judge != "truth" and not self.judge_path:
-            raise ConfigError(f"tso.judge={self.judge!r} needs tso.judge_path (a reward model or a label file)")
-        if self.fail_round > self.rounds:
-            raise ConfigError(f"tso.fail_round={self.fail_round} must be <= tso.rounds={self.rounds}")
 
 
 def _fields(tso_cfg: TSOConfig, *names: str) -> dict[str, Any]:
@@ -105,24 +43,9 @@ def _fields(tso_cfg: TSOConfig, *names: str) -> dict[str, Any]:
 def load_tso_run(path: str | Path | None = None,
                  overrides: list[str] | dict[str, Any] | None = None) -> tuple[RunConfig, TSOConfig]:
     """The run config and its `tso:` section from one YAML (+ overrides such as `tso.rounds=2`)."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    if overrides:
-        values = _deep_merge(values, parse_overrides(overrides))
-    tso_values = values.pop("tso", None) or {}
-    if "tso" in {f.name for f in fields(RunConfig)}:  # once RunConfig owns the section, it validates it
-        cfg = from_dict(RunConfig, {**values, "tso": tso_values})
-        tso_cfg = cfg.tso
-    else:
-        cfg, tso_cfg = from_dict(RunConfig, values), from_dict(TSOConfig, tso_values, where="tso")
-    check_run(cfg, tso_cfg)
-    return cfg, tso_cfg
+    cfg = load_run_config(path, overrides)
+    check_run(cfg, cfg.tso)
+    return cfg, cfg.tso
 
 
 def check_run(cfg: RunConfig, tso_cfg: TSOConfig) -> None:
@@ -207,7 +130,7 @@ def candidates(cfg: RunConfig, tso_cfg: TSOConfig, round_index: int, data_dir: P
     inputs.update({f"generator_{name}": model for name, model in matrix})
 
     def body(out: StageOutput) -> None:
-        rows = [json.loads(line) for line in open(prompts_path) if line.strip()]
+        rows = [json.loads(line) for line in Path(prompts_path).read_text().splitlines() if line.strip()]
         by_id: dict[str, list[dict[str, Any]]] = {row["id"]: [] for row in rows}
         for i, (name, model) in enumerate(matrix):
             gen_dir = out.work_dir / "generators" / name
@@ -247,80 +170,6 @@ def candidates(cfg: RunConfig, tso_cfg: TSOConfig, round_index: int, data_dir: P
 # -------------------------------------------------------------------------------------------------- judge
 
 
-def judge_scores(tso_cfg: TSOConfig, data_dir: Path, prompts: list[Any], texts: list[str],
-                 batch_size: int = 16) -> list[float | None]:
-    """The judge's score of each (prompt, response); None where a label file has no label for it."""
-    if tso_cfg.judge == "truth":
-        from selpo_core.synthetic import GroundTruth
-
-        if not (data_dir / "task.json").is_file():
-            raise ValueError("tso.judge=truth needs the synthetic task (data.path empty); use reward_model or labels")
-        truth = GroundTruth.load(data_dir)
-        return [truth.reward(text) for text in texts]
-    if tso_cfg.judge == "reward_model":
-        from selpo_core.evaluate import reward_model_scores
-
-        return list(reward_model_scores(tso_cfg.judge_path, prompts, texts, batch_size=batch_size))
-    return _label_scores(Path(tso_cfg.judge_path), prompts, texts)
-
-
-def _label_scores(path: Path, prompts: list[Any], texts: list[str]) -> list[float | None]:
-    raw = path.read_text()
-    lines = [line for line in raw.splitlines() if line.strip()]
-    rows = json.loads(raw) if path.suffix == ".json" else [json.loads(line) for line in lines]
-    labels = {}
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or not {"prompt", "response", "score"} <= set(row):
-            raise ValueError(f"{path} row {number}: a label needs prompt, response and score")
-        labels[(json.dumps(row["prompt"], sort_keys=True), row["response"])] = float(row["score"])
-    return [labels.get((json.dumps(p, sort_keys=True), t)) for p, t in zip(prompts, texts)]
-
-
-def pairs_from_ranking(scores: list[float], pairing: str, pairs_per_prompt: int) -> list[tuple[int, int]]:
-    """(chosen, rejected) candidate indices from one prompt's judge scores; equal scores never make a pair.
-
-    Ties in the ranking keep candidate order (stable sort), so the same scores always give the same pairs.
-    """
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    if pairing == "best_vs_worst":
-        pairs = [(order[k], order[-1 - k]) for k in range(len(order) // 2)]
-    else:
-        adjacent = [(order[k], order[k + 1]) for k in range(len(order) - 1)]
-        pairs = sorted(adjacent, key=lambda p: -(scores[p[0]] - scores[p[1]]))  # informative (large gaps) first
-    return [(c, r) for c, r in pairs if scores[c] > scores[r]][:pairs_per_prompt]
-
-
-def implicit_rewards(cfg: RunConfig, policy_dir: Path | str, reference_dir: Path | str,
-                     examples: list[Any]) -> dict[str, tuple[float, float]]:
-    """{example_id: (r_chosen, r_rejected)} with r = beta * (log pi(y|x) - log pi_ref(y|x)), tokenized as training
-    tokenizes (so the check sees exactly the sequences the next round trains on)."""
-    import torch
-
-    from selpo_core import data, models
-    from selpo_core.logps import masked_sum, model_per_token_logps, split_pair
-
-    tokenizer = models.load_tokenizer(str(stages._model_dir(policy_dir)))
-    pairs, _ = data.tokenize_pairs(examples, tokenizer, cfg.data, source="tso pairs")
-    if stages._same_model(policy_dir, reference_dir):  # round 1: the policy IS its reference, every r is 0
-        return {pair.example_id: (0.0, 0.0) for pair in pairs}
-    sums: list[list[tuple[float, float]]] = []
-    for path in (policy_dir, reference_dir):
-        model = models.load_model(str(stages._model_dir(path)), dtype=torch.float32)
-        rows: list[tuple[float, float]] = []
-        for start in range(0, len(pairs), cfg.evaluate.batch_size):
-            batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v for k, v in
-                     data.collate_pairs(pairs[start:start + cfg.evaluate.batch_size], tokenizer.pad_token_id).items()}
-            with torch.no_grad():
-                logps = model_per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            chosen, rejected = split_pair(masked_sum(logps, batch["loss_mask"]))
-            rows += list(zip(chosen.tolist(), rejected.tolist()))
-        sums.append(rows)
-        del model
-    beta = cfg.policy.beta
-    return {pair.example_id: (beta * (pc - rc), beta * (pr - rr))
-            for pair, (pc, pr), (rc, rr) in zip(pairs, sums[0], sums[1])}
-
-
 def build_pairs(cfg: RunConfig, tso_cfg: TSOConfig, round_index: int, candidates_dir: Path, data_dir: Path,
                 policy_dir: Path | str, reference_dir: Path | str) -> Path:
     """Judge, pair, correct. The dir is a data dir for `stages.train_policy` (train.jsonl, heldout.jsonl) and holds
@@ -336,10 +185,11 @@ def build_pairs(cfg: RunConfig, tso_cfg: TSOConfig, round_index: int, candidates
         inputs["judge"] = tso_cfg.judge_path
 
     def body(out: StageOutput) -> None:
-        rows = [json.loads(line) for line in open(candidates_dir / "candidates.jsonl") if line.strip()]
+        rows = [json.loads(line) for line in (candidates_dir / "candidates.jsonl").read_text().splitlines()
+                if line.strip()]
         flat = [(row["prompt"], cand["text"]) for row in rows for cand in row["candidates"]]
-        scores = iter(judge_scores(tso_cfg, data_dir, [p for p, _ in flat], [t for _, t in flat],
-                                   cfg.evaluate.batch_size))
+        scores = iter(judge_scores(tso_cfg.judge, tso_cfg.judge_path, data_dir, [p for p, _ in flat],
+                                   [t for _, t in flat], cfg.evaluate.batch_size))
         judged: list[dict[str, Any]] = []
         n_unlabeled = 0
         for row in rows:
@@ -372,11 +222,16 @@ def build_pairs(cfg: RunConfig, tso_cfg: TSOConfig, round_index: int, candidates
         _write_round_data(out, judged, data_dir)
         n = len(judged)
         n_corrected = sum(j["corrected"] for j in judged)
+        implicit = [(j["implicit_chosen"], j["implicit_rejected"]) for j in judged
+                    if math.isfinite(j["implicit_chosen"] - j["implicit_rejected"])]
         out.metrics.update({
             "n_prompts": len(rows), "n_candidates": len(flat), "n_unlabeled": n_unlabeled, "n_pairs": n,
             "n_corrected": n_corrected, "corrected_fraction": round(n_corrected / n, 4),
             "n_policy_ties": sum(j["policy_tie"] for j in judged),
             "judge_margin": round(sum(j["chosen_score"] - j["rejected_score"] for j in judged) / n, 4),
+            # How far the policy already moved: what the dual-clip bounds (policy.tso_*) are compared with.
+            "implicit_margin": round(sum(c - r for c, r in implicit) / max(1, len(implicit)), 4),
+            "implicit_abs_max": round(max((max(abs(c), abs(r)) for c, r in implicit), default=0.0), 4),
             **{f"chosen_from/{k}": v for k, v in Counter(j["chosen_source"] for j in judged).items()},
             **{f"rejected_from/{k}": v for k, v in Counter(j["rejected_source"] for j in judged).items()},
         })
@@ -458,6 +313,9 @@ def run_tso(cfg: RunConfig, tso_cfg: TSOConfig) -> dict[str, Any]:
     for r in range(1, tso_cfg.rounds + 1):
         dirs = run_round(cfg, tso_cfg, r, data_dir, policy, anchor, init_dir, reference_generations)
         rounds.append(dirs)
+        row = round_metrics(dirs)
+        log.info("TSO round %d: %d pairs, %d corrected, true reward %s, KL to initial %s", r, row["n_pairs"],
+                 row["n_corrected"], row["true_reward"], row["kl_to_initial"])
         anchor, policy = policy, dirs["policy"]
     return write_summary(cfg, tso_cfg, rounds)
 
@@ -503,7 +361,7 @@ def format_rounds(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TSOConfig", "JUDGES", "PAIRINGS", "INITIAL", "load_tso_run", "check_run", "round_label", "round_prompts",
+__all__ = ["TSOConfig", "INITIAL", "load_tso_run", "check_run", "round_label", "round_prompts",
            "generator_matrix", "candidates", "judge_scores", "pairs_from_ranking", "implicit_rewards", "build_pairs",
            "train_round_args", "train_round", "initial_stages", "run_round", "run_tso", "round_metrics",
            "write_summary", "format_rounds"]

@@ -41,7 +41,7 @@ def test_prefect_yaml_loads_and_every_entrypoint_resolves() -> None:
     if PrefectYamlModel is not None:
         PrefectYamlModel.model_validate(spec)
     flows = {load_flow(d["entrypoint"]).name for d in spec["deployments"]}
-    assert flows == {"sepo-pipeline", "compare-methods"}
+    assert flows == {"sepo-pipeline", "compare-methods", "tso"}
     for deployment in spec["deployments"]:
         check_deployment(deployment)
         assert deployment["work_pool"]["name"] == "selpo-local"
@@ -65,7 +65,8 @@ def test_serve_builds_every_deployment_with_an_inactive_schedule() -> None:
     from flows import STAGE_FLOWS
 
     deployments = build_deployments("configs/tiny.yaml", {"policy.beta": 0.2})
-    assert [d.name for d in deployments] == ["tiny"] * (2 + len(STAGE_FLOWS))
+    assert [d.name for d in deployments] == ["tiny", "tiny", "tso-demo"] + ["tiny"] * len(STAGE_FLOWS)
+    assert deployments[2].flow_name == "tso"
     pipeline = deployments[0]
     assert pipeline.flow_name == "sepo-pipeline"
     assert pipeline.parameters == {"config_path": "configs/tiny.yaml", "overrides": {"policy.beta": 0.2},
