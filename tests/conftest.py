@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 
 # Whitespace-split words: "Human:" is one token, and decode() joins tokens with single spaces, so a text
@@ -20,6 +21,16 @@ TEST_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """The tests' models are tiny: intra-op threads gain nothing, and on a busy 2-core box OpenMP threads waiting
+    on each other made single forwards 20-100x slower. (Subprocess tests set OMP_NUM_THREADS themselves.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def build_word_tokenizer(words: Iterable[str] = TEST_WORDS, *, bos: bool = False) -> PreTrainedTokenizerFast:

@@ -5,14 +5,13 @@ win rates on hand-made scores, implicit-reward accuracy with a policy built as r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import build_word_tokenizer
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -33,33 +32,12 @@ from selpo_core.evaluate import (
 from selpo_core.synthetic import TASK_FORMAT
 
 WORDS = [f"w{i}" for i in range(40)] + ["user:", "assistant:", "good", "bad", "describe", "the", "city"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 PROMPTS = ["describe the city", "w1 w2", "describe w3"]
 ANSWERS = ["good w4 w5", "bad", "w6 good good w7 bad"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP's spinning threads
-    made one batched generate() take 10 s instead of 0.1 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return build_word_tokenizer(WORDS)
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import build_word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from selpo_core import generate
@@ -30,32 +29,11 @@ from selpo_core.generate import (
 )
 
 WORDS = [f"w{i}" for i in range(60)] + ["user:", "assistant:", "hello", "tell", "me", "more", "about", "it"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 PROMPTS = ["hello", "tell me about w1 w2 w3 w4 w5 w6", "w7 w8", "tell me more about w9 w10 w11", "it"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP's spinning threads
-    made one batched generate() take 10 s instead of 0.1 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return build_word_tokenizer(WORDS)
 
 
 def save_tiny_model(path: Path, *, seed: int = 0) -> Path:

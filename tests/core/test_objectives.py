@@ -34,7 +34,6 @@ def _model(tokenizer) -> LlamaForCausalLM:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_lowers_its_loss_and_changes_parameters(method: str, word_tokenizer) -> None:
-    torch.set_num_threads(1)
     pairs = _pairs(word_tokenizer)
     model = _model(word_tokenizer)
     ref_model = frozen_copy(model)

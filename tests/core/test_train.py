@@ -59,15 +59,6 @@ def assert_state_close(a: Any, b: Any, atol: float) -> None:
         torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Width-32 matmuls gain nothing from threads; on a busy 2-core box OpenMP spinning made them 20x slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def on_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """These checks are about the loop, in exact fp32 arithmetic: run them on CPU even on a GPU host."""
