@@ -12,7 +12,7 @@ export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint bench venv vllm-env serve clean
+.PHONY: demo test lint bench bench-env venv vllm-env serve clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
+
+# TRL only for the training-speed comparison, never in the project's venv (benchmarks/train_speed.py).
+bench-env:
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q --upgrade pip
+	.venv-bench/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-bench/bin/python -m pip install -q "trl==1.16.0" "transformers==5.20.2" pyarrow pyyaml tqdm accelerate
+	.venv-bench/bin/python -m pip install -q --no-deps -e .
 
 serve: $(STAMP)
 	$(BIN)/selpo serve
