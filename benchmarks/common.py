@@ -88,10 +88,8 @@ def make_config(args: argparse.Namespace, *overrides: dict[str, Any]) -> RunConf
         merged.update(QUICK)
     for extra in overrides:
         merged.update(extra)
-    # Command-line --set wins over everything the script chose.
-    user = [item for item in args.set if "=" in item]
-    cfg = load_run_config(args.config, [f"{key}={json.dumps(value)}" for key, value in merged.items()] + user)
-    return cfg
+    # Command-line --set wins over everything the script chose (a malformed one fails with the config's message).
+    return load_run_config(args.config, [f"{key}={json.dumps(value)}" for key, value in merged.items()] + args.set)
 
 
 @dataclass
