@@ -187,33 +187,40 @@ def forward_flops(params: dict[str, int], hidden: int, vocab: int, *, tokens: in
     return 2.0 * params["non_embedding"] * tokens + 2.0 * hidden * vocab * head_rows
 
 
-def gemm_reference(size: LlamaSize, *, vocab: int, rows: int, head_rows: int, device: Any, dtype: Any,
-                   repeats: int = 5) -> dict[str, Any]:
-    """bf16 GEMMs of the model's own shapes (rows x in -> out, `rows` tokens in one batch) timed alone: the
-    FLOP-weighted rate they reach is what the model's forward could reach if nothing but its matmuls ran.
-    Also a square 2048^3 GEMM for scale."""
+def gemm_operands(size: LlamaSize, *, vocab: int, rows: int, head_rows: int, device: Any, dtype: Any) -> list:
+    """(name, count, a, b) for each GEMM shape of the model's forward on `rows` tokens (`head_rows` LM-head rows)."""
     import torch
 
     h, inter = size.hidden, size.intermediate
     shapes = [("attn q/k/v/o", rows, h, h, 4 * size.layers), ("mlp gate/up", rows, h, inter, 2 * size.layers),
               ("mlp down", rows, inter, h, size.layers), ("lm_head", head_rows, h, vocab, 1)]
-    per_shape = []
+    return [(name, count, torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+            for name, m, k, n, count in shapes]
+
+
+def gemm_pass(operands: list, device: Any) -> dict[str, Any]:
+    """One timed product of each shape: the FLOP-weighted rate (GFLOP/s) the model's matmuls reach alone, i.e. the
+    model's forward if nothing but its matmuls ran; and the rate of each shape."""
     total_flops = total_time = 0.0
-    for name, m, k, n, count in shapes:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        times = interleaved({"mm": lambda a=a, b=b: a @ b}, repeats, device=device)["mm"]
-        seconds = median(times)
-        flops = 2.0 * m * k * n
-        per_shape.append({"shape": name, "m": m, "k": k, "n": n, "count": count,
-                          "gflops_per_s": round(flops / seconds / 1e9, 1)})
+    per_shape = {}
+    for name, count, a, b in operands:
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+        per_shape[name] = flops / seconds / 1e9
         total_flops += flops * count
         total_time += seconds * count
-    side = 2048
+    return {"gflops_per_s": total_flops / total_time / 1e9, "per_shape": per_shape}
+
+
+def square_gemm_gflops(device: Any, dtype: Any, side: int = 2048, repeats: int = 3) -> float:
+    import torch
+
     a = torch.randn(side, side, device=device, dtype=dtype)
-    square = median(interleaved({"mm": lambda: a @ a}, repeats, device=device)["mm"])
-    return {"model_gemm_gflops_per_s": round(total_flops / total_time / 1e9, 1), "per_shape": per_shape,
-            "square_2048_gflops_per_s": round(2.0 * side**3 / square / 1e9, 1)}
+    return 2.0 * side**3 / median(interleaved({"mm": lambda: a @ a}, repeats, device=device)["mm"]) / 1e9
 
 
 # ----------------------------------------------------------------------------------------------------- output
