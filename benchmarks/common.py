@@ -220,18 +220,18 @@ def write_results(name: str, payload: dict[str, Any], out_dir: Path | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"benchmark": name, "command": " ".join(["python -m", f"benchmarks.{name}", *sys.argv[1:]]),
                 "machine": machine_info(), **payload}
-    atomic_write_json(path, _json_safe(document))
+    atomic_write_json(path, json_safe(document))
     return path
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf -> None (strict JSON), tuples -> lists, Paths -> str."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value

@@ -362,6 +362,8 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
     `selection_dir` is needed by sepo only. `label` names the stage dir when one method is trained several
     times in a run (TSO rounds).
     """
+    import pyarrow.parquet as pq
+
     from selpo_core import data, models
     from selpo_core.objectives import NEEDS_REF_LOGPS, NEEDS_REF_MODEL_ALWAYS, MethodParams, make_preference_step
     from selpo_core.scoring import read_scores, scores_to_pair_lookup
@@ -391,7 +393,7 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
         extras: dict[str, Any] = {}
         ref_model = None
         if method == "sepo":
-            extras["selected"] = scores_to_pair_lookup(read_scores_like(selection_dir / "selection.parquet"))
+            extras["selected"] = scores_to_pair_lookup(pq.read_table(selection_dir / "selection.parquet"))
         if reads_scores:
             extras["ref"] = scores_to_pair_lookup(read_scores(scores_dir / "scores"))
         elif method in NEEDS_REF_LOGPS or method in NEEDS_REF_MODEL_ALWAYS:
@@ -422,12 +424,6 @@ def train_policy(cfg: RunConfig, method: str, data_dir: Path, policy_init_dir: P
 def _exists(stage: Path | None) -> bool:
     """A finished stage dir (in plan-only mode an upstream dir may not exist yet)."""
     return stage is not None and is_complete(stage)
-
-
-def read_scores_like(path: Path) -> Any:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path)
 
 
 def _same_model(a: Path | str, b: Path | str) -> bool:
