@@ -44,7 +44,6 @@ def _fraction(section: str, name: str, value: float, *, allow_zero: bool = False
 PRECISIONS = ("auto", "bf16", "fp32")
 POLICY_METHODS = ("sepo", "dpo", "ipo", "simpo", "selective_dpo", "tdpo1", "tdpo2", "tso")
 ORACLE_LOSSES = ("dpo", "ipo", "simpo")
-STAGES = ("synthetic", "sft", "oracle", "score", "policy", "generate", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -199,13 +198,49 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
-class OracleConfig:
+class LossParams:
+    """Hyper-parameters of every preference loss; the oracle and the policy configs embed them (as fields of their
+    own), the step functions hand them to the losses as they are. A stage's key holds only the fields its loss
+    reads (`objectives.LOSS_FIELDS`)."""
+
+    beta: float = 0.1
+    """DPO-family temperature (dpo, ipo, tdpo1/2, selective_dpo, tso)."""
+    label_smoothing: float = 0.0
+    """cDPO label smoothing for dpo."""
+    sepo_gamma: float = 1.0
+    """SePO scale of the mean selected log-prob (the official code uses 1; the paper searches 2.1-2.5)."""
+    sepo_margin: float = 0.0
+    """SePO margin lambda (official code: 0)."""
+    simpo_beta: float = 2.0
+    """SimPO beta."""
+    simpo_gamma_beta_ratio: float = 0.5
+    """SimPO gamma / beta."""
+    tdpo_alpha: float = 0.5
+    """TDPO2 alpha."""
+    sdpo_quantile: float = 0.6
+    """Selective-DPO per-sequence quantile (0.6 keeps about the top 40%)."""
+    tso_chosen_reward_max: float = 5.0
+    """TSO dual clip: chosen implicit reward is capped above at this value."""
+    tso_rejected_reward_min: float = -5.0
+    """TSO dual clip: rejected implicit reward is floored below at this value."""
+
+    def __post_init__(self) -> None:
+        section = "oracle" if isinstance(self, OracleConfig) else "policy"
+        _positive(section, "beta", self.beta)
+        _positive(section, "simpo_beta", self.simpo_beta)
+        _fraction(section, "sdpo_quantile", self.sdpo_quantile, allow_zero=True)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{section}.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.tso_rejected_reward_min >= self.tso_chosen_reward_max:
+            raise ConfigError(f"{section}.tso_rejected_reward_min must be < {section}.tso_chosen_reward_max")
+
+
+@dataclass(frozen=True)
+class OracleConfig(LossParams):
     """The oracle: DPO (or IPO/SimPO) from the reference on a random subset of the preference data."""
 
     loss: str = "dpo"
-    """dpo, ipo or simpo."""
-    beta: float = 0.1
-    """Loss temperature (SimPO uses its own scale: 2.0 is typical)."""
+    """dpo, ipo or simpo (its hyper-parameters: beta / simpo_beta, simpo_gamma_beta_ratio, label_smoothing)."""
     subset_fraction: float = 0.5
     """Fraction of the training pairs the oracle sees (ignored when subset_count > 0)."""
     subset_count: int = 0
@@ -216,8 +251,8 @@ class OracleConfig:
     """Training settings of the oracle."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _choice("oracle", "loss", self.loss, ORACLE_LOSSES)
-        _positive("oracle", "beta", self.beta)
         _fraction("oracle", "subset_fraction", self.subset_fraction)
         _positive("oracle", "subset_count", self.subset_count, allow_zero=True)
 
@@ -262,39 +297,20 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
+class PolicyConfig(LossParams):
     """Policy training. `methods` lists what the pipeline trains (each from the same scores)."""
 
     methods: tuple[str, ...] = ("sepo", "dpo")
     """Methods to train, each into its own stage directory: sepo, dpo, ipo, simpo, selective_dpo, tdpo1, tdpo2, tso."""
-    beta: float = 0.1
-    """DPO-family temperature (dpo, ipo, tdpo1/2, selective_dpo, tso)."""
-    label_smoothing: float = 0.0
-    """cDPO label smoothing for dpo."""
-    sepo_gamma: float = 1.0
-    """SePO scale of the mean selected log-prob (the official code uses 1; the paper searches 2.1-2.5)."""
-    sepo_margin: float = 0.0
-    """SePO margin lambda (official code: 0)."""
-    simpo_beta: float = 2.0
-    """SimPO beta."""
-    simpo_gamma_beta_ratio: float = 0.5
-    """SimPO gamma / beta."""
-    tdpo_alpha: float = 0.5
-    """TDPO2 alpha."""
-    sdpo_quantile: float = 0.6
-    """Selective-DPO per-sequence quantile (0.6 keeps about the top 40%)."""
     sdpo_reference: str = ""
     """Selective-DPO scorer/anchor model dir or hub id; empty uses the reference (may be larger than the policy)."""
-    tso_chosen_reward_max: float = 5.0
-    """TSO dual clip: chosen implicit reward is capped above at this value."""
-    tso_rejected_reward_min: float = -5.0
-    """TSO dual clip: rejected implicit reward is floored below at this value."""
     ref_logps_from_scores: bool = True
     """dpo/ipo/tso/selective_dpo read the reference log-probs from the scoring Parquet (no reference forward)."""
     train: TrainConfig = TrainConfig(max_steps=120, batch_size=16, lr=5e-4)
     """Training settings of every policy method (equal steps and data for a fair comparison)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.methods, str):  # a single method from YAML or an override
             object.__setattr__(self, "methods", (self.methods,))
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -304,13 +320,6 @@ class PolicyConfig:
             _choice("policy", "methods", method, POLICY_METHODS)
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"policy.methods={list(self.methods)} lists a method twice")
-        _positive("policy", "beta", self.beta)
-        _positive("policy", "simpo_beta", self.simpo_beta)
-        _fraction("policy", "sdpo_quantile", self.sdpo_quantile, allow_zero=True)
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"policy.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.tso_rejected_reward_min >= self.tso_chosen_reward_max:
-            raise ConfigError("policy.tso_rejected_reward_min must be < policy.tso_chosen_reward_max")
 
 
 @dataclass(frozen=True)
@@ -402,8 +411,6 @@ class TSOConfig:
     """Each round's loss: tso (dual-clip DPO); dpo or ipo for ablations of the clip."""
     seed: int = 0
     """Seed of the prompt permutation, candidate sampling and the pair cap."""
-    fail_round: int = 0
-    """Testing aid: fail this round's training (as fail_stage does) to exercise resume. Not part of any key."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "generators", tuple(self.generators))
@@ -412,12 +419,10 @@ class TSOConfig:
         _choice("tso", "loss", self.loss, ROUND_LOSSES)
         for name in ("rounds", "samples_per_model", "pairs_per_prompt"):
             _positive("tso", name, getattr(self, name))
-        for name in ("prompts_per_round", "max_pairs_per_round", "temperature", "fail_round"):
+        for name in ("prompts_per_round", "max_pairs_per_round", "temperature"):
             _positive("tso", name, getattr(self, name), allow_zero=True)
         if self.judge != "truth" and not self.judge_path:
             raise ConfigError(f"tso.judge={self.judge!r} needs tso.judge_path (a reward model or a label file)")
-        if self.fail_round > self.rounds:
-            raise ConfigError(f"tso.fail_round={self.fail_round} must be <= tso.rounds={self.rounds}")
 
 
 @dataclass(frozen=True)
@@ -443,14 +448,11 @@ class RunConfig:
     evaluate: EvaluateConfig = EvaluateConfig()
     tso: TSOConfig = TSOConfig()
     """TSO's iterative self-training loop (flows/tso.py); unused by the SePO pipeline."""
-    fail_stage: str = ""
-    """Testing aid: raise in this stage (after its inputs load) to exercise resume. Not part of any cache key."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name={self.name!r} must be a non-empty name without '/'")
-        if self.fail_stage:
-            _choice("run", "fail_stage", self.fail_stage, STAGES)
+        if not self.name or "/" in self.name or self.name.startswith(("_", ".")):
+            raise ConfigError(f"name={self.name!r} must be a non-empty name without '/' that does not start with "
+                              "'_' or '.' (<runs_dir>/_stages/ holds the stages every run shares)")
 
     @property
     def run_dir(self) -> Path:
@@ -582,10 +584,6 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def load_config(cls: type, path: str | Path) -> Any:
-    return from_dict(cls, yaml.safe_load(Path(path).read_text()) or {})
-
-
 def replace(config: Any, **changes: Any) -> Any:
     """dataclasses.replace that re-runs validation (it does: __post_init__ is called)."""
     return dataclasses.replace(config, **changes)
@@ -593,6 +591,7 @@ def replace(config: Any, **changes: Any) -> Any:
 
 __all__ = [
     "ConfigError", "SyntheticConfig", "DataConfig", "ModelConfig", "TrainConfig", "SFTConfig", "OracleConfig",
-    "ScoreConfig", "SelectConfig", "PolicyConfig", "GenerateConfig", "EvaluateConfig", "TSOConfig", "RunConfig",
-    "load_run_config", "save_config", "load_config", "to_dict", "from_dict", "parse_overrides", "field",
+    "ScoreConfig", "SelectConfig", "LossParams", "PolicyConfig", "GenerateConfig", "EvaluateConfig", "TSOConfig",
+    "RunConfig",
+    "load_run_config", "save_config", "to_dict", "from_dict", "parse_overrides", "field",
 ]

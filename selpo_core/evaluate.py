@@ -297,40 +297,41 @@ def _pair_rows(
     )
 
 
-def implicit_reward_accuracy(
-    policy_dir: Any,
-    reference_dir: Any,
-    pairs: Any,
-    *,
-    beta: float,
-    batch_size: int = 16,
-    tokenizer: Any = None,
-) -> dict[str, float]:
-    """DPO's implicit reward r(y) = beta * (log pi(y|x) - log pi_ref(y|x)) on held-out pairs.
+def implicit_rewards(policy_dir: Any, reference_dir: Any, pairs: Any, *, batch_size: int,
+                     tokenizer: Any = None) -> list[tuple[float, float]]:
+    """(chosen, rejected) log-ratios log pi(y|x) - log pi_ref(y|x) per pair: DPO's implicit reward over beta.
 
-    `pairs`: `data.TokenizedPair`s, or a tuple (prompts, chosen, rejected) of string lists (tokenized with
-    the policy's tokenizer for both models: the log-ratio needs the same tokens). accuracy: fraction with
-    r(chosen) > r(rejected) strictly, as TRL's rewards/accuracies (a tie is not a success); margin: mean of
-    r(chosen) - r(rejected). Models may be directories or loaded models (then pass `tokenizer` for strings).
+    `pairs`: `data.TokenizedPair`s, or a tuple (prompts, chosen, rejected) of string lists (tokenized with the
+    policy's tokenizer for both models: the log-ratio needs the same tokens). Models may be directories or
+    loaded models (then pass `tokenizer` for strings).
     """
     if tokenizer is None and isinstance(policy_dir, (str, Path)):
         tokenizer = _tokenizer(policy_dir, None)
     chosen, rejected = _pair_rows(pairs, tokenizer)
     if not chosen:
-        raise ValueError("no held-out pairs to evaluate")
+        return []
     rows = chosen + rejected
     policy_lp = _response_logps(_model(policy_dir), rows, batch_size)
     reference_lp = _response_logps(_model(reference_dir), rows, batch_size)
-    rewards = [beta * (p - r) for p, r in zip(policy_lp, reference_lp, strict=True)]
+    ratios = [p - r for p, r in zip(policy_lp, reference_lp, strict=True)]
     n = len(chosen)
-    chosen_r, rejected_r = rewards[:n], rewards[n:]
-    margins = [c - r for c, r in zip(chosen_r, rejected_r)]
+    return list(zip(ratios[:n], ratios[n:]))
+
+
+def implicit_reward_accuracy(policy_dir: Any, reference_dir: Any, pairs: Any, *, batch_size: int,
+                             tokenizer: Any = None) -> dict[str, float]:
+    """accuracy: fraction of held-out pairs with r(chosen) > r(rejected) strictly, as TRL's rewards/accuracies (a
+    tie is not a success; any beta > 0 gives the same); margin, chosen/rejected: means in log-ratio units."""
+    ratios = implicit_rewards(policy_dir, reference_dir, pairs, batch_size=batch_size, tokenizer=tokenizer)
+    if not ratios:
+        raise ValueError("no held-out pairs to evaluate")
+    margins = [c - r for c, r in ratios]
     return {
-        "accuracy": sum(m > 0 for m in margins) / n,
+        "accuracy": sum(m > 0 for m in margins) / len(ratios),
         "margin": _mean(margins),
-        "chosen_reward": _mean(chosen_r),
-        "rejected_reward": _mean(rejected_r),
-        "n": float(n),
+        "chosen_reward": _mean([c for c, _ in ratios]),
+        "rejected_reward": _mean([r for _, r in ratios]),
+        "n": float(len(ratios)),
     }
 
 

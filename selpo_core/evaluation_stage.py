@@ -26,8 +26,9 @@ def _single_turn(records: list[GenerationRecord]) -> tuple[list[str], list[str],
 
 
 def evaluate_run(cfg: EvaluateConfig, *, data_dir: Path, generations_dir: Path, reference_generations_dir: Path,
-                 model_dir: Path, reference_dir: Path, heldout_pairs: list[Any], beta: float,
-                 data_cfg: DataConfig) -> dict[str, Any]:
+                 model_dir: Path, reference_dir: Path, heldout_pairs: list[Any], data_cfg: DataConfig,
+                 reward_model: str = "", baseline_answers: str = "") -> dict[str, Any]:
+    """`reward_model` / `baseline_answers`: cfg.evaluate's paths as the stage resolved them (empty: none)."""
     from selpo_core import evaluate
     from selpo_core.data import tokenize_pairs
     from selpo_core.models import load_tokenizer
@@ -43,18 +44,19 @@ def evaluate_run(cfg: EvaluateConfig, *, data_dir: Path, generations_dir: Path, 
                         "reward_gain": truth["reward_gain"], "kl": truth["kl_seq"],
                         "kl_per_token": truth["kl_per_token"], "answer_words": truth["answer_words"],
                         "answer_tokens": truth["answer_tokens"]})
-    if cfg.reward_model:
-        scores = evaluate.reward_model_scores(cfg.reward_model, prompts, answers, batch_size=cfg.batch_size)
+    if reward_model:
+        scores = evaluate.reward_model_scores(reward_model, prompts, answers, batch_size=cfg.batch_size)
         metrics["reward_model_score"] = sum(scores) / max(1, len(scores))
-        if cfg.baseline_answers:
-            _, baseline, _ = _single_turn(read_generations(cfg.baseline_answers))
+        if baseline_answers:
+            _, baseline, _ = _single_turn(read_generations(baseline_answers))
             metrics.update({f"win/{k}": v for k, v in evaluate.pairwise_win_rate(
-                cfg.reward_model, prompts, answers, baseline, batch_size=cfg.batch_size).items()})
+                reward_model, prompts, answers, baseline, batch_size=cfg.batch_size).items()})
     if heldout_pairs:
         tokenizer = load_tokenizer(str(model_dir))
         pairs, _ = tokenize_pairs(heldout_pairs, tokenizer, data_cfg, source="heldout.jsonl")
-        accuracy = evaluate.implicit_reward_accuracy(model_dir, reference_dir, pairs, beta=beta,
-                                                     batch_size=cfg.batch_size, tokenizer=tokenizer)
+        accuracy = evaluate.implicit_reward_accuracy(model_dir, reference_dir, pairs, batch_size=cfg.batch_size,
+                                                     tokenizer=tokenizer)
         metrics["implicit_reward_accuracy"] = accuracy["accuracy"]
-        metrics["implicit_reward_margin"] = accuracy["margin"]
+        # In log-ratio units (the implicit reward over beta): the same whatever the method's beta.
+        metrics["implicit_logratio_margin"] = accuracy["margin"]
     return metrics

@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selpo_core.artifacts import atomic_write_json, is_complete, read_manifest
+from selpo_core.artifacts import atomic_write_json, read_manifest
 
 
-class StageTimer:
-    """Times stage calls and records whether each found its artifact already complete (cached)."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, dict[str, Any]] = {}
-
-    def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-        from selpo_core.stages import planned_dir
-
-        planned = planned_dir(fn, *args)
-        cached = isinstance(planned, Path) and is_complete(planned)
-        started = time.time()
-        result = fn(*args)
-        self.records[name] = {"seconds": round(time.time() - started, 2), "cached": cached, "dir": str(result)}
-        return result
+def input_dir(stage_dir: Path | str, name: str) -> Path:
+    """The directory a stage read as its input `name`: a stage in the same store, or the user's own path."""
+    entry = read_manifest(stage_dir)["inputs"][name]
+    if entry.get("stage"):
+        return Path(stage_dir).resolve().parent / entry["stage"]
+    return Path(entry["path"])
 
 
 def _metrics(stage_dir: Path | str) -> dict[str, Any]:
@@ -51,7 +40,7 @@ def build_summary(scores_dir: Path | str, selection_dir: Path | str, evaluations
     for method, eval_dir in evaluations.items():
         manifest = read_manifest(eval_dir)
         eval_metrics = manifest.get("metrics", {})
-        policy_dir = manifest["inputs"]["model"]["path"]
+        policy_dir = input_dir(eval_dir, "model")
         policy_metrics = _metrics(policy_dir)
         policy[method] = {
             "reward_gain": eval_metrics.get("reward_gain"),

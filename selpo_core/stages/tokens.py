@@ -1,0 +1,83 @@
+"""The token stages: offline scoring (oracle vs reference log-probs of every response token, Parquet shards) and
+key-token selection on the policy's tokens (SePO top/bottom-k or a global threshold, plus the heatmap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from selpo_core.artifacts import StageOutput, code_version, stable_hash
+from selpo_core.config import RunConfig, save_config, to_dict
+from selpo_core.stages import dist
+from selpo_core.stages.plan import StageInput, StagePlan
+from selpo_core.stages.prepare import tokenized_pairs
+
+SCORE_FIELDS_NOT_IN_REF_LOGPS = ("beta", "one_model_at_a_time")
+"""Score settings that cannot change the stored reference log-probs (beta scales only the rewards)."""
+
+
+def plan_score(cfg: RunConfig, data: StageInput, oracle: StageInput, reference: StageInput) -> StagePlan:
+    return StagePlan("score", "score", "score tokens", {"score": to_dict(cfg.score)},
+                     {"data": data, "oracle": oracle, "reference": reference})
+
+
+def ref_logps_input(score: StagePlan) -> StageInput:
+    """The score stage as a source of reference log-probs only: its fingerprint leaves out the oracle and the
+    reward scale, so a method that reads nothing else (dpo, ipo, tso, selective_dpo) keeps its key when the
+    oracle or score.beta change."""
+    settings = {k: v for k, v in score.section["score"].items() if k not in SCORE_FIELDS_NOT_IN_REF_LOGPS}
+    fingerprint = stable_hash({"data": score.inputs["data"].fingerprint, "settings": settings,
+                               "reference": score.inputs["reference"].fingerprint, "code": code_version()})
+    return StageInput(fingerprint=f"ref_logps:{fingerprint}", stage=score.dirname)
+
+
+def run_score(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
+    """Per-token rewards beta * (log pi_oracle - log pi_ref) of every training response, as Parquet shards."""
+    from selpo_core import models, scoring
+
+    tokenizer = models.load_tokenizer(inputs["reference"])
+    pairs = tokenized_pairs(cfg, inputs["data"], tokenizer)
+    shard_dir = out.partial_dir / "scores"
+    rank, world_size = dist.rank_and_world()
+    out.metrics.update(scoring.score_pairs(pairs, Path(inputs["oracle"]), Path(inputs["reference"]), cfg.score,
+                                           shard_dir, rank=rank, world_size=world_size))
+    dist.barrier()
+    if rank != 0:  # the other ranks' shards are done; the main process assembles and publishes
+        return
+    (out.work_dir / "scores").mkdir()
+    for shard in sorted([*shard_dir.glob("part-*.parquet"), *shard_dir.glob("plan.json")]):
+        shard.rename(out.work_dir / "scores" / shard.name)
+    if (Path(inputs["data"]) / "task.json").is_file():
+        out.metrics.update(_oracle_truth_metrics(scoring.read_scores(out.work_dir / "scores"), Path(inputs["data"])))
+    save_config(cfg.score, out.work_dir / "config.yaml")
+
+
+def _oracle_truth_metrics(table: Any, data_dir: Path) -> dict[str, float]:
+    from selpo_core.oracle_quality import token_auroc
+    from selpo_core.synthetic import GroundTruth
+
+    truth = GroundTruth.load(data_dir)
+    by_side: dict[str, tuple[list[float], list[int]]] = {"chosen": ([], []), "rejected": ([], [])}
+    for row in table.to_pylist():
+        rewards, labels = by_side[row["side"]]
+        rewards.extend(row["rewards"])
+        labels.extend(truth.key_labels(list(zip(row["offset_start"], row["offset_end"])), row["text"]))
+    return token_auroc(*by_side["chosen"], *by_side["rejected"])
+
+
+def plan_select(cfg: RunConfig, data: StageInput, scores: StageInput, policy_init: StageInput) -> StagePlan:
+    """Selection on the policy's tokens: it reads the policy's tokenizer, so it keys on the policy's start."""
+    return StagePlan("select", "select", "select key tokens", {"select": to_dict(cfg.select)},
+                     {"data": data, "scores": scores, "policy_init": policy_init})
+
+
+def run_select(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
+    """selection.parquet (example_id, side, token_ids, rewards, selected) and token_heatmap.html."""
+    from selpo_core import models, selection_stage
+
+    policy_pairs = tokenized_pairs(cfg, inputs["data"], models.load_tokenizer(inputs["policy_init"]))
+    data_dir = Path(inputs["data"])
+    truth_dir = data_dir if (data_dir / "task.json").is_file() else None
+    out.metrics.update(selection_stage.write_selection(cfg.select, Path(inputs["scores"]) / "scores", policy_pairs,
+                                                       out.work_dir, truth_dir=truth_dir))
+    save_config(cfg.select, out.work_dir / "config.yaml")
