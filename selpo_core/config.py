@@ -82,7 +82,8 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Preference data in TRL's formats, from a local JSON/JSONL/Parquet file or a hub dataset id."""
+    """Preference data in TRL's formats, from a local JSON/JSONL/Parquet file (also .jsonl.gz / .json.gz) or a
+    hub dataset id. Rows are numbered from 0 in messages (in JSON lines, row N is line N + 1)."""
 
     path: str = ""
     """Local file or hub id. Empty: the synthetic task's pairs."""
@@ -90,12 +91,27 @@ class DataConfig:
     """Split to read from a hub dataset (local files have one split)."""
     format: str = "auto"
     """standard (prompt/chosen/rejected strings), conversational (message lists), implicit (no prompt), auto."""
-    max_length: int = 256
-    """Longest prompt+response in tokens; longer responses are truncated (from the end, EOS dropped)."""
-    max_prompt_length: int = 128
-    """Longest prompt in tokens. A longer prompt is never cut silently: it is an error or a skip (on_bad_row)."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens (EOS included). A pair that fits is never cut."""
+    max_prompt_length: int = 512
+    """How long a prompt may stay when its pair does not fit max_length: a longer one is cut to this first."""
+    truncation_mode: str = "keep_end"
+    """Which part of a too-long prompt is kept: keep_end (the end, the turn being answered; BOS stays) or
+    keep_start (the beginning). Responses are always cut at the end, to the room the prompt leaves."""
+    on_too_long: str = "truncate"
+    """A pair longer than max_length under any of the run's tokenizers: truncate (prompt first, then the
+    responses; counted per tokenizer), skip (drop it for every stage, counted, listed in skipped.jsonl), or
+    error (stop, naming file, row and field)."""
     on_bad_row: str = "error"
-    """error: stop at the first malformed row naming file, row, field. skip: drop and count it."""
+    """A malformed row (invalid JSON or UTF-8, missing or wrong-typed field, empty or identical responses):
+    error (stop at the first, naming file, row and field) or skip (drop and count it). Never covers length:
+    that is on_too_long."""
+    prompt_template: str = "auto"
+    """How prompts become tokens in every stage: auto (string prompts as raw text, conversations through
+    the tokenizer's chat template, as TRL), raw (text as is) or chat (always the chat template)."""
+    sft_path: str = ""
+    """SFT data (TRL SFT formats: prompt/completion, or messages ending with the assistant turn). Empty:
+    prompt + chosen response of the training pairs."""
     heldout_fraction: float = 0.05
     """Fraction of pairs held out of every training stage, for implicit-reward accuracy."""
     seed: int = 0
@@ -103,7 +119,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data", "format", self.format, ("auto", "standard", "conversational", "implicit"))
+        _choice("data", "truncation_mode", self.truncation_mode, ("keep_end", "keep_start"))
+        _choice("data", "on_too_long", self.on_too_long, ("truncate", "skip", "error"))
         _choice("data", "on_bad_row", self.on_bad_row, ("error", "skip"))
+        _choice("data", "prompt_template", self.prompt_template, ("auto", "raw", "chat"))
         _positive("data", "max_length", self.max_length)
         _positive("data", "max_prompt_length", self.max_prompt_length)
         if self.max_prompt_length >= self.max_length:
