@@ -21,8 +21,9 @@ would drop is an error there (the data stage did not check that tokenizer).
 
 Across tokenizers, truncation keeps different character ranges of a response: the text is never cut, only
 tokens are dropped, so offsets of every tokenizer index the same whole text and selection transfer works.
-Policy tokens beyond the characters the oracle's kept tokens cover (`kept_chars`) overlap no scored token
-and get reward 0.0 from `selection.transfer_rewards` (neutral); mask them if they must never be selected.
+Policy tokens (non-empty spans) beyond the characters the oracle's kept tokens cover (`kept_chars`) overlap
+no scored token and get reward 0.0 from `selection.transfer_rewards` (neutral), as does the policy's EOS when
+the oracle's copy was cut (no oracle EOS to match); mask them if they must never be selected.
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ def _encode_responses(texts: Sequence[str], tokenizer: Any, eos: int) -> list[tu
 
 
 def kept_chars(offsets: Sequence[tuple[int, int]]) -> int:
-    """Characters of the response text its (possibly truncated) tokens cover: the end of the last span."""
-    return max((end for _, end in offsets), default=0)
+    """Characters of the response text its (possibly truncated) tokens cover: the end of the last non-empty
+    span (EOS and other empty spans cover nothing)."""
+    return max((end for start, end in offsets if end > start), default=0)
 
 
 # ---------------------------------------------------------------------------------------------- lengths

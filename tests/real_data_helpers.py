@@ -106,7 +106,7 @@ def dialogues(n: int, *, seed: int = 0) -> list[Dialogue]:
                 chosen = " ".join(words)
             rejected = " ".join(words[: len(words) // 2])
             kind.add("prefix")
-        elif roll < 0.235:  # one reply is empty: a malformed row
+        elif roll < 0.245:  # one reply is empty: a malformed row
             if rng.random() < 0.5:
                 chosen = ""
             else:
