@@ -85,6 +85,16 @@ def render_prompts(prompts: Sequence[Content], tokenizer: Any, mode: str, *, wha
     vocabulary cannot spell): the model would be conditioned on `<unk>`s. `what` names the prompts in
     messages (e.g. the data file).
     """
+    out = _render(prompts, tokenizer, mode, what)
+    unknown = unknown_token_rows(out, tokenizer)
+    if unknown:
+        log.warning("%s: %d of %d prompts rendered (prompt_template=%s) hold the unknown token %r (first: prompt "
+                    "%d of these); the model sees <unk> there", what, len(unknown), len(out), mode,
+                    tokenizer.unk_token, unknown[0])
+    return out
+
+
+def _render(prompts: Sequence[Content], tokenizer: Any, mode: str, what: str) -> list[list[int]]:
     if mode not in PROMPT_TEMPLATES:
         raise ValueError(f"prompt_template={mode!r}; choose one of {', '.join(PROMPT_TEMPLATES)}")
     texts, templated = [], []
@@ -108,10 +118,6 @@ def render_prompts(prompts: Sequence[Content], tokenizer: Any, mode: str, *, wha
         # The template writes its own special tokens (BOS included); raw text gets BOS by the tokenizer's
         # convention, but not a second one when the text already starts with it.
         out.append(ids if as_chat or ids[:1] == bos else bos + ids)
-    unknown = unknown_token_rows(out, tokenizer)
-    if unknown:
-        log.warning("%s: %d of %d prompts rendered (prompt_template=%s) hold the unknown token %r, e.g. prompt %d; "
-                    "the model sees <unk> there", what, len(unknown), len(out), mode, tokenizer.unk_token, unknown[0])
     return out
 
 
@@ -192,7 +198,7 @@ class _Encoded:
                  what: str) -> None:
         eos = check_tokenizer(tokenizer)
         self.bos = bos_prefix(tokenizer)
-        self.prompts = render_prompts(prompts, tokenizer, mode, what=what)
+        self.prompts = _render(prompts, tokenizer, mode, what)  # unknown tokens: reported by row, not here
         self.sides = {side: _encode_responses(texts, tokenizer, eos) for side, texts in sides.items()}
         self.unknown = unknown_token_rows(self.prompts, tokenizer)
 
@@ -215,6 +221,10 @@ def _check(prompts: Sequence[Content], sides: dict[str, Sequence[str]], rows: Se
         encoded = _Encoded(prompts, sides, tokenizer, report.prompt_template, f"{source} ({name} tokenizer)")
         if encoded.unknown:
             report.unknown_tokens[name] = [rows[i][1] for i in encoded.unknown]
+            log.warning("%s: %d of %d prompts hold the %s tokenizer's unknown token %r after rendering "
+                        "(prompt_template=%s), rows %s; the model sees <unk> there", source, len(encoded.unknown),
+                        len(prompts), name, tokenizer.unk_token, report.prompt_template,
+                        report.unknown_tokens[name][:5])
         for i in range(len(prompts)):
             fitted = encoded.fit(i, cfg)
             if fitted is None:

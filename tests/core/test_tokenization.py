@@ -241,3 +241,12 @@ def test_sft_rows_follow_the_same_rule(word_tokenizer):
     items = tokenize_sft(rows, word_tokenizer, DataConfig(max_length=8, max_prompt_length=4))
     assert words_of(word_tokenizer, items[1].prompt_ids) == ["w6", "w7", "w8", "w9"]
     assert words_of(word_tokenizer, items[1].completion_ids) == ["w1", "w2", "w3", "w4"]
+
+
+def test_the_data_stage_names_rows_whose_prompts_hold_unknown_tokens(caplog):
+    examples = [pair("hello how are", " good", " bad", 2), pair("hello zebra", " good", " bad", 5)]
+    with caplog.at_level(logging.WARNING, logger="selpo_core.tokenization"):
+        _, report = check_lengths(examples, {"policy": build_word_tokenizer()}, DataConfig())
+    assert report.unknown_tokens == {"policy": [5]} and report.metrics()["data/unknown_tokens/policy"] == 1
+    assert "user.jsonl: 1 of 2 prompts hold the policy tokenizer's unknown token '<unk>'" in caplog.text
+    assert "rows [5]" in caplog.text
