@@ -164,6 +164,14 @@ def _cut_prompt(prompt: list[int], bos: list[int], cfg: DataConfig) -> list[int]
     return keep_bos + prompt[len(prompt) - (cfg.max_prompt_length - len(keep_bos)) :]
 
 
+def cut_prompt(prompt_ids: list[int], tokenizer: Any, cfg: DataConfig) -> list[int]:
+    """A rendered prompt cut to max_prompt_length the way training cuts one (truncation_mode, BOS kept), for a
+    stage that feeds prompts alone (generation); unchanged when it is not longer."""
+    if len(prompt_ids) <= cfg.max_prompt_length:
+        return list(prompt_ids)
+    return _cut_prompt(list(prompt_ids), bos_prefix(tokenizer), cfg)
+
+
 def _fit(prompt: list[int], longest: int, bos: list[int], cfg: DataConfig) -> tuple[list[int], int] | None:
     """(prompt ids, response token budget), or None when the pair is too long and may not be cut."""
     if len(prompt) + longest <= cfg.max_length:
@@ -338,7 +346,8 @@ def tokenize_sft(
 
 
 __all__ = [
-    "PROMPT_TEMPLATES", "bos_prefix", "check_lengths", "check_sft_lengths", "check_tokenizer", "kept_chars",
+    "PROMPT_TEMPLATES", "bos_prefix", "check_lengths", "check_sft_lengths", "check_tokenizer", "cut_prompt",
+    "kept_chars",
     "render_prompt", "render_prompts", "resolve_prompt_template", "tokenize_pairs", "tokenize_sft",
     "unknown_token_rows",
 ]

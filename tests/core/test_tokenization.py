@@ -13,6 +13,7 @@ from conftest import build_word_tokenizer
 from selpo_core.config import DataConfig, SyntheticConfig
 from selpo_core.data import DataError, PreferenceExample, check_lengths, check_sft_lengths, tokenize_pairs
 from selpo_core.tokenization import (
+    cut_prompt,
     kept_chars,
     render_prompt,
     render_prompts,
@@ -144,6 +145,10 @@ def test_prompt_cut_keeps_its_end_or_start_then_responses_get_the_room(word_toke
     with_bos = make_word_tokenizer(bos=True)
     (bos_cut,), _ = tokenize_pairs(examples, with_bos, keep_end)
     assert words_of(with_bos, bos_cut.prompt_ids) == ["<bos>", "w7", "w8", "w9"]
+    # A prompt fed alone (generation) is cut the same way.
+    rendered = render_prompt(TEN, with_bos, "raw")
+    assert cut_prompt(rendered, with_bos, keep_end) == bos_cut.prompt_ids
+    assert cut_prompt(rendered[:4], with_bos, keep_end) == rendered[:4]
     # A pair that fits is never touched, even with a prompt longer than max_prompt_length.
     (whole,), report = tokenize_pairs([pair(TEN, " yes", " no", 0)], word_tokenizer, keep_end.__class__(
         max_length=12, max_prompt_length=4))
