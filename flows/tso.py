@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.pipeline import flow_run_label
 from selpo_core.stages.graph import plan_graph, run_graph
-from selpo_core.tso import check_run, format_rounds, round_dirs
+from selpo_core.tso import format_rounds, round_dirs
 from tasks.stage import prefect_run, resolve_config, run_config
 from tasks.tso import publish_tso
 
@@ -29,7 +29,6 @@ def tso_flow(config_path: str | None = None, overrides: dict[str, Any] | None = 
     """
     config = resolve_config(config_path, overrides, run_name)
     cfg = run_config(config)
-    check_run(cfg)
     graph = plan_graph(cfg, tso=True)
     records: dict[str, dict[str, Any]] = {}
     dirs = run_graph(graph, graph.tso_targets(), prefect_run(config, records))

@@ -81,7 +81,8 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Preference data in TRL's formats, from a local JSON/JSONL/Parquet file or a hub dataset id."""
+    """Preference data in TRL's formats, from a local JSON/JSONL/Parquet file (also .jsonl.gz / .json.gz) or a
+    hub dataset id. Rows are numbered from 0 in messages (in JSON lines, row N is line N + 1)."""
 
     path: str = ""
     """Local file or hub id. Empty: the synthetic task's pairs."""
@@ -89,12 +90,27 @@ class DataConfig:
     """Split to read from a hub dataset (local files have one split)."""
     format: str = "auto"
     """standard (prompt/chosen/rejected strings), conversational (message lists), implicit (no prompt), auto."""
-    max_length: int = 256
-    """Longest prompt+response in tokens; longer responses are truncated (from the end, EOS dropped)."""
-    max_prompt_length: int = 128
-    """Longest prompt in tokens. A longer prompt is never cut silently: it is an error or a skip (on_bad_row)."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens (EOS included). A pair that fits is never cut."""
+    max_prompt_length: int = 512
+    """How long a prompt may stay when its pair does not fit max_length: a longer one is cut to this first."""
+    truncation_mode: str = "keep_end"
+    """Which part of a too-long prompt is kept: keep_end (the end, the turn being answered; BOS stays) or
+    keep_start (the beginning). Responses are always cut at the end, to the room the prompt leaves."""
+    on_too_long: str = "truncate"
+    """A pair longer than max_length under any of the run's tokenizers: truncate (prompt first, then the
+    responses; counted per tokenizer), skip (drop it for every stage, counted, listed in skipped.jsonl), or
+    error (stop, naming file, row and field)."""
     on_bad_row: str = "error"
-    """error: stop at the first malformed row naming file, row, field. skip: drop and count it."""
+    """A malformed row (invalid JSON or UTF-8, missing or wrong-typed field, empty or identical responses):
+    error (stop at the first, naming file, row and field) or skip (drop and count it). Never covers length:
+    that is on_too_long."""
+    prompt_template: str = "auto"
+    """How prompts become tokens in every stage: auto (string prompts as raw text, conversations through
+    the tokenizer's chat template, as TRL), raw (text as is) or chat (always the chat template)."""
+    sft_path: str = ""
+    """SFT data (TRL SFT formats: prompt/completion, or messages ending with the assistant turn). Empty:
+    prompt + chosen response of the training pairs."""
     heldout_fraction: float = 0.05
     """Fraction of pairs held out of every training stage, for implicit-reward accuracy."""
     seed: int = 0
@@ -102,7 +118,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data", "format", self.format, ("auto", "standard", "conversational", "implicit"))
+        _choice("data", "truncation_mode", self.truncation_mode, ("keep_end", "keep_start"))
+        _choice("data", "on_too_long", self.on_too_long, ("truncate", "skip", "error"))
         _choice("data", "on_bad_row", self.on_bad_row, ("error", "skip"))
+        _choice("data", "prompt_template", self.prompt_template, ("auto", "raw", "chat"))
         _positive("data", "max_length", self.max_length)
         _positive("data", "max_prompt_length", self.max_prompt_length)
         if self.max_prompt_length >= self.max_length:
@@ -575,9 +594,36 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | dict[
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if isinstance(values, dict):
+            values = _resolve_relative_paths(values, Path(path).resolve().parent)
     if overrides:
         values = _deep_merge(values, parse_overrides(overrides))
     return from_dict(RunConfig, values)
+
+
+PATH_FIELDS = (("data", "path"), ("data", "sft_path"), ("reference", "path"), ("policy_model", "path"),
+               ("policy", "sdpo_reference"), ("generate", "prompts"), ("evaluate", "reward_model"),
+               ("evaluate", "baseline_answers"), ("tso", "judge_path"))
+"""Fields of a config file that name files or model dirs (or hub ids)."""
+
+
+def _resolve_relative_paths(values: dict[str, Any], config_dir: Path) -> dict[str, Any]:
+    """A relative path in a config file means the file's own folder when it exists there (a config next to its
+    models and data works from any directory); otherwise it stays as written (the working directory, or a hub
+    id). Overrides on the command line are not touched: they mean the working directory."""
+    resolved = json.loads(json.dumps(values))
+    for section, name in PATH_FIELDS:
+        node = resolved.get(section)
+        value = node.get(name) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            candidate = config_dir / value
+            if candidate.exists():
+                node[name] = str(candidate)
+    tso = resolved.get("tso")
+    if isinstance(tso, dict) and isinstance(tso.get("generators"), list):
+        tso["generators"] = [str(config_dir / g) if isinstance(g, str) and g != "initial" and not
+                             Path(g).is_absolute() and (config_dir / g).exists() else g for g in tso["generators"]]
+    return resolved
 
 
 def save_config(config: Any, path: str | Path) -> None:

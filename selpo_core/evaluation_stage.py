@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selpo_core.benchmarks_io import GenerationRecord, read_generations
-from selpo_core.config import DataConfig, EvaluateConfig
+from selpo_core.config import EvaluateConfig
 
 
 def _single_turn(records: list[GenerationRecord]) -> tuple[list[str], list[str], list[bool]]:
@@ -26,12 +26,11 @@ def _single_turn(records: list[GenerationRecord]) -> tuple[list[str], list[str],
 
 
 def evaluate_run(cfg: EvaluateConfig, *, data_dir: Path, generations_dir: Path, reference_generations_dir: Path,
-                 model_dir: Path, reference_dir: Path, heldout_pairs: list[Any], data_cfg: DataConfig,
-                 reward_model: str = "", baseline_answers: str = "") -> dict[str, Any]:
-    """`reward_model` / `baseline_answers`: cfg.evaluate's paths as the stage resolved them (empty: none)."""
+                 model_dir: Path, reference_dir: Path, heldout_pairs: list[Any], reward_model: str = "",
+                 baseline_answers: str = "") -> dict[str, Any]:
+    """`heldout_pairs`: the data stage's held-out pairs in the policy's tokens; `reward_model` / `baseline_answers`:
+    cfg.evaluate's paths as the stage resolved them (empty: none)."""
     from selpo_core import evaluate
-    from selpo_core.data import tokenize_pairs
-    from selpo_core.models import load_tokenizer
 
     records = read_generations(generations_dir / "generations.jsonl")
     prompts, answers, ended = _single_turn(records)
@@ -52,10 +51,8 @@ def evaluate_run(cfg: EvaluateConfig, *, data_dir: Path, generations_dir: Path, 
             metrics.update({f"win/{k}": v for k, v in evaluate.pairwise_win_rate(
                 reward_model, prompts, answers, baseline, batch_size=cfg.batch_size).items()})
     if heldout_pairs:
-        tokenizer = load_tokenizer(str(model_dir))
-        pairs, _ = tokenize_pairs(heldout_pairs, tokenizer, data_cfg, source="heldout.jsonl")
-        accuracy = evaluate.implicit_reward_accuracy(model_dir, reference_dir, pairs, batch_size=cfg.batch_size,
-                                                     tokenizer=tokenizer)
+        accuracy = evaluate.implicit_reward_accuracy(model_dir, reference_dir, heldout_pairs,
+                                                     batch_size=cfg.batch_size)
         metrics["implicit_reward_accuracy"] = accuracy["accuracy"]
         # In log-ratio units (the implicit reward over beta): the same whatever the method's beta.
         metrics["implicit_logratio_margin"] = accuracy["margin"]

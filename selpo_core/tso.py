@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from selpo_core.artifacts import atomic_write_json, read_manifest
-from selpo_core.config import ConfigError, RunConfig, to_dict
+from selpo_core.config import RunConfig, to_dict
 from selpo_core.stages.tso import round_label
 
 log = logging.getLogger("selpo.tso")
@@ -27,13 +27,6 @@ log = logging.getLogger("selpo.tso")
 ROUND_STAGES = {"prompts": "{label}_prompts", "candidates": "{label}_candidates", "pairs": "{label}_pairs",
                 "policy": "policy_{label}", "generations": "generate_{label}", "evaluation": "evaluate_{label}"}
 """A round's stages in the graph, by their role in the summary."""
-
-
-def check_run(cfg: RunConfig) -> None:
-    """What only the whole run can tell, checked before any compute."""
-    if cfg.tso.judge == "truth" and cfg.data.path:
-        raise ConfigError("tso.judge='truth' needs the synthetic task (data.path empty); with your own data use "
-                          "tso.judge=reward_model or labels")
 
 
 def round_dirs(dirs: dict[str, Path | str], rounds: int) -> list[dict[str, str]]:
@@ -47,7 +40,6 @@ def run_tso(cfg: RunConfig) -> dict[str, Any]:
     from selpo_core.stages.graph import plan_graph, run_graph
     from selpo_core.stages.runner import LocalRun
 
-    check_run(cfg)
     graph = plan_graph(cfg, tso=True)
     dirs = run_graph(graph, graph.tso_targets(), LocalRun(cfg))
     rounds = round_dirs(dirs, cfg.tso.rounds)

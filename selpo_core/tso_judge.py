@@ -61,8 +61,8 @@ def pairs_from_ranking(scores: list[float], pairing: str, pairs_per_prompt: int)
     return [(c, r) for c, r in pairs if scores[c] > scores[r]][:pairs_per_prompt]
 
 
-def policy_implicit_rewards(cfg: RunConfig, policy_path: str, anchor_path: str | None,
-                            examples: list[Any]) -> dict[str, tuple[float, float]]:
+def policy_implicit_rewards(cfg: RunConfig, policy_path: str, anchor_path: str | None, examples: list[Any],
+                            prompt_template: str | None = None) -> dict[str, tuple[float, float]]:
     """{example_id: (r_chosen, r_rejected)} with r = beta * (log pi(y|x) - log pi_ref(y|x)), tokenized as training
     tokenizes (so the check sees exactly the sequences the next round trains on). `anchor_path` None: the policy
     is its own reference (round 1), so every r is 0."""
@@ -70,7 +70,7 @@ def policy_implicit_rewards(cfg: RunConfig, policy_path: str, anchor_path: str |
     from selpo_core.evaluate import implicit_rewards
 
     tokenizer = models.load_tokenizer(policy_path)
-    pairs, _ = data.tokenize_pairs(examples, tokenizer, cfg.data, source="tso pairs")
+    pairs, _ = data.tokenize_pairs(examples, tokenizer, cfg.data, source="tso pairs", prompt_template=prompt_template)
     if anchor_path is None:
         return {pair.example_id: (0.0, 0.0) for pair in pairs}
     ratios = implicit_rewards(policy_path, anchor_path, pairs, batch_size=cfg.evaluate.batch_size, tokenizer=tokenizer)

@@ -8,7 +8,7 @@ from pathlib import Path
 from selpo_core.artifacts import StageOutput
 from selpo_core.config import RunConfig, save_config, to_dict
 from selpo_core.stages.plan import StageInput, StagePlan, external
-from selpo_core.stages.prepare import read_examples
+from selpo_core.stages.prepare import tokenized_pairs
 
 GENERATE_FIELDS_NOT_IN_KEY = ("prompts", "vllm_python")
 """Generation settings that are inputs (the prompts file, by content) or cannot change an answer."""
@@ -50,12 +50,14 @@ def run_evaluate(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: S
     """metrics.json + report.md: ground-truth reward gain and KL (synthetic), reward model, implicit accuracy."""
     from selpo_core.evaluate import write_report
     from selpo_core.evaluation_stage import evaluate_run
+    from selpo_core.models import load_tokenizer
 
     data_dir = Path(inputs["data"])
+    heldout = tokenized_pairs(cfg, data_dir, load_tokenizer(inputs["model"]), "heldout", name="policy")
     metrics = evaluate_run(cfg.evaluate, data_dir=data_dir, generations_dir=Path(inputs["generations"]),
                            reference_generations_dir=Path(inputs["reference_generations"]),
                            model_dir=Path(inputs["model"]), reference_dir=Path(inputs["reference"]),
-                           heldout_pairs=read_examples(data_dir / "heldout.jsonl"), data_cfg=cfg.data,
+                           heldout_pairs=heldout,
                            reward_model=inputs.get("reward_model", ""),
                            baseline_answers=inputs.get("baseline_answers", ""))
     write_report(metrics, out.work_dir, title=f"selpo evaluation: {plan.section['label']}")

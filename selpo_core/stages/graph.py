@@ -18,6 +18,7 @@ from selpo_core.artifacts import is_complete, read_manifest
 from selpo_core.config import ConfigError, ModelConfig, RunConfig
 from selpo_core.objectives import NEEDS_REF_LOGPS
 from selpo_core.stages.answers import plan_evaluate, plan_generate
+from selpo_core.stages.checks import check_run
 from selpo_core.stages.plan import StageInput, StagePlan, external, store_dir
 from selpo_core.stages.prepare import plan_data, plan_synthetic
 from selpo_core.stages.runner import LocalRun, remove_orphans
@@ -72,11 +73,15 @@ class Graph:
         return ["generate_reference", *[f"evaluate_{round_label(r)}" for r in range(1, self.tso_rounds + 1)]]
 
 
-def _base(model_cfg: ModelConfig, task: StageInput | None, field_name: str) -> StageInput:
-    """Where SFT of a model starts: its path, or (empty) a tiny model over the synthetic task's tokenizer."""
+def _given_model(graph: Graph, name: str) -> StageInput | None:
+    return external(graph.given[name], sub="model") if name in graph.given else None
+
+
+def _base(model_cfg: ModelConfig, task: StageInput | None, field_name: str, sft: bool) -> StageInput:
+    """Where a model starts: its path, or (empty) a tiny model over the synthetic task's tokenizer (SFT only)."""
     if model_cfg.path:
         return external(model_cfg.path)
-    if task is None:
+    if task is None or not sft:
         raise ConfigError(f"{field_name}.path is empty: set it to your model (a tiny model is built only for the "
                           "synthetic task with sft.enabled)")
     return task
@@ -91,28 +96,32 @@ def _given_ref_logps(score_dir: str) -> tuple[StageInput, str]:
 
 def plan_graph(cfg: RunConfig, *, methods: Sequence[str] | None = None, tso: bool = False,
                given: dict[str, str | None] | None = None) -> Graph:
-    """Every stage of the run `cfg`: the pipeline for `methods` (default policy.methods), and TSO's rounds."""
+    """Every stage of the run `cfg`: the pipeline for `methods` (default policy.methods), and TSO's rounds.
+
+    Checks first everything the run will need (checks.py): a ConfigError lists every problem, one per line.
+    """
     graph = Graph(cfg, {name: value for name, value in (given or {}).items() if value},
                   methods=tuple(methods or cfg.policy.methods), tso_rounds=cfg.tso.rounds if tso else 0)
+    check_run(cfg, graph.methods, tso=tso)
     task = graph.node("synthetic", plan_synthetic, cfg) if not cfg.data.path else None
-    data = graph.node("data", plan_data, cfg, task)
-    if "sft_reference" in graph.given:
-        reference = graph.node("sft_reference", plan_sft, sub="model")
-    elif cfg.sft.enabled:
-        base = _base(cfg.reference, task, "reference")
-        reference = graph.node("sft_reference", plan_sft, cfg, "reference", data, base, sub="model")
+    separate_policy = "policy_init" in graph.given or cfg.policy_model != cfg.reference
+    reference_base = _given_model(graph, "sft_reference") or _base(cfg.reference, task, "reference", cfg.sft.enabled)
+    policy_base = (_given_model(graph, "policy_init") or _base(cfg.policy_model, task, "policy_model",
+                                                               cfg.sft.enabled)) if separate_policy else None
+    # The length rule is applied once, with every tokenizer the run uses (the oracle shares the reference's).
+    tokenizers = {"reference": reference_base, **({"policy": policy_base} if policy_base else {})}
+    data = graph.node("data", plan_data, cfg, task, tokenizers)
+    if "sft_reference" in graph.given or not cfg.sft.enabled:
+        reference = reference_base
     else:
-        reference = _base(cfg.reference, None, "reference")
+        reference = graph.node("sft_reference", plan_sft, cfg, "reference", data, reference_base, sub="model")
     # The policy starts from the reference unless policy_model names another (e.g. larger) model.
-    if "policy_init" in graph.given:
-        policy_init = external(graph.given["policy_init"], sub="model")
-    elif cfg.policy_model == cfg.reference:
+    if policy_base is None:
         policy_init = reference
-    elif cfg.sft.enabled:
-        base = _base(cfg.policy_model, task, "policy_model")
-        policy_init = graph.node("sft_policy_model", plan_sft, cfg, "policy_model", data, base, sub="model")
+    elif "policy_init" in graph.given or not cfg.sft.enabled:
+        policy_init = policy_base
     else:
-        policy_init = _base(cfg.policy_model, None, "policy_model")
+        policy_init = graph.node("sft_policy_model", plan_sft, cfg, "policy_model", data, policy_base, sub="model")
     graph.refs.update(reference=reference, policy_init=policy_init)
     oracle = graph.node("oracle", plan_oracle, cfg, data, reference, sub="model")
     scores = graph.node("score", plan_score, cfg, data, oracle, reference)

@@ -8,12 +8,15 @@ answers, when the run has its own) and the metrics of what was read, kept and sk
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from selpo_core.artifacts import StageOutput
-from selpo_core.config import ConfigError, RunConfig, to_dict
+from selpo_core.config import RunConfig, to_dict
 from selpo_core.stages.plan import StageInput, StagePlan, external
+
+log = logging.getLogger("selpo.stages")
 
 TASK_FILES = ("sft.jsonl", "prompts.jsonl", "task.json", "truth.jsonl")
 
@@ -28,24 +31,28 @@ def run_synthetic(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: 
     out.metrics.update(synthetic.write_task(cfg.synthetic, out.work_dir))
 
 
-def plan_data(cfg: RunConfig, task: StageInput | None) -> StagePlan:
-    """The user's file (by content, not by path) or the synthetic task's pairs."""
-    section = {"data": {k: v for k, v in to_dict(cfg.data).items() if k != "path"}}
-    inputs: dict[str, StageInput] = {}
+def plan_data(cfg: RunConfig, task: StageInput | None, tokenizers: dict[str, StageInput]) -> StagePlan:
+    """The user's file (by content, not by path) or the synthetic task's pairs, checked against the length rule
+    with every tokenizer the run uses (`tokenizers`: name -> model or task), so every stage sees the same pairs."""
+    section = {"data": {k: v for k, v in to_dict(cfg.data).items() if k not in ("path", "sft_path")}}
+    inputs: dict[str, StageInput] = {f"tokenizer_{name}": value for name, value in tokenizers.items()}
     if cfg.data.path:
-        if looks_local(cfg.data.path) and not Path(cfg.data.path).expanduser().exists():
-            raise ConfigError(f"data.path={cfg.data.path!r}: no such file")
         inputs["pairs"] = external(cfg.data.path)
     elif task is None:
         raise ValueError("data.path is empty and no synthetic task was planned: set data.path")
     else:
         inputs["task"] = task
+    if cfg.data.sft_path:
+        inputs["sft"] = external(cfg.data.sft_path)
     return StagePlan("data", "data", "prepare data", section, inputs)
 
 
-def looks_local(path: str) -> bool:
-    """A path, not a hub id: absolute, relative with ./ or ~, or a file name with a data suffix."""
-    return path.startswith(("/", ".", "~")) or path.endswith((".json", ".jsonl", ".parquet", ".gz"))
+def load_tokenizer_input(path: str) -> Any:
+    """A tokenizer input of the data stage: a model dir or hub id, or the synthetic task (its tokenizer/)."""
+    from selpo_core import models
+
+    task_tokenizer = Path(path) / "tokenizer"
+    return models.load_tokenizer(str(task_tokenizer) if (Path(path) / "task.json").is_file() else path)
 
 
 def run_data(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
@@ -56,46 +63,60 @@ def run_data(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Stage
     task_dir = Path(inputs["task"]) if "task" in inputs else None
     data_cfg = cfg.data if task_dir is None else replace(cfg.data, path=str(task_dir / "pairs.jsonl"),
                                                           format="standard")
-    examples, report = data.load_preference_data(data_cfg)
-    train, heldout = data.split_heldout(examples, data_cfg.heldout_fraction, data_cfg.seed)
-    write_examples(out.file("train.jsonl"), train)
-    write_examples(out.file("heldout.jsonl"), heldout)
+    tokenizers = {name.removeprefix("tokenizer_"): load_tokenizer_input(path) for name, path in inputs.items()
+                  if name.startswith("tokenizer_")}
+    examples, loaded = data.load_preference_data(data_cfg)
+    kept, checked = data.check_lengths(examples, tokenizers, data_cfg)
+    report = loaded.merge(checked)
+    log.info("data: %s", report.summary())
+    train, heldout = data.split_heldout(kept, data_cfg.heldout_fraction, data_cfg.seed)
+    data.write_examples(out.file("train.jsonl"), train)
+    data.write_examples(out.file("heldout.jsonl"), heldout)
+    with open(out.file("skipped.jsonl"), "w", encoding="utf-8") as handle:
+        for record in report.skipped_records():
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     if task_dir is not None:
         for name in TASK_FILES:
             out.file(name).write_bytes((task_dir / name).read_bytes())
     else:
-        with open(out.file("sft.jsonl"), "w") as handle:
-            for row in data.sft_rows_from_examples(train):
-                handle.write(json.dumps(row) + "\n")
-    out.metrics.update({"n_train": len(train), "n_heldout": len(heldout), **_report_metrics(report)})
+        _write_sft(cfg, inputs, train, tokenizers, report.prompt_template, out)
+    out.metrics.update({"n_train": len(train), "n_heldout": len(heldout), **report.metrics()})
 
 
-def write_examples(path: Path, examples: list[Any]) -> None:
-    with open(path, "w") as handle:
-        for example in examples:
-            # The source row travels along so tokenize-time errors still name it.
-            handle.write(json.dumps({"example_id": example.example_id, "prompt": example.prompt,
-                                     "chosen": example.chosen, "rejected": example.rejected,
-                                     "row": example.row}) + "\n")
-
-
-def read_examples(path: Path) -> list[Any]:
-    from selpo_core.data import PreferenceExample
-
-    with open(path) as handle:
-        return [PreferenceExample(**json.loads(line)) for line in handle if line.strip()]
-
-
-def tokenized_pairs(cfg: RunConfig, data_dir: str | Path, tokenizer: Any, split: str = "train") -> list[Any]:
-    """The data stage's pairs of `split` in `tokenizer`'s ids (every later stage reads them through this)."""
+def _write_sft(cfg: RunConfig, inputs: dict[str, str], train: list[Any], tokenizers: dict[str, Any],
+               prompt_template: str, out: StageOutput) -> None:
+    """sft.jsonl: data.sft_path (any TRL SFT format), or prompt + chosen of the training pairs."""
     from selpo_core import data
 
+    if "sft" in inputs:
+        rows = data.load_sft_data(inputs["sft"], on_bad_row=cfg.data.on_bad_row, split=cfg.data.split)
+    else:
+        rows = data.sft_rows_from_examples(train)
+    rows, report = data.check_sft_lengths(rows, tokenizers, cfg.data, prompt_template=prompt_template)
+    with open(out.file("sft.jsonl"), "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out.metrics.update({f"sft/{key.removeprefix('data/')}": value for key, value in report.metrics().items()})
+
+
+def tokenized_pairs(cfg: RunConfig, data_dir: str | Path, tokenizer: Any, split: str = "train", *,
+                    name: str = "") -> list[Any]:
+    """The data stage's pairs of `split` in `tokenizer`'s ids, rendered as the data stage decided. Every later
+    stage reads them through this, and sees exactly the data stage's pairs (or a DataError naming the row)."""
+    from selpo_core import data
+
+    metrics = data_metrics(data_dir)
     path = Path(data_dir) / f"{split}.jsonl"
-    pairs, _report = data.tokenize_pairs(read_examples(path), tokenizer, cfg.data, source=str(path))
+    pairs, _report = data.tokenize_pairs(data.read_examples(path), tokenizer, cfg.data, source=str(path),
+                                         prompt_template=metrics.get("data/prompt_template"), name=name)
+    expected = metrics.get(f"n_{split}")
+    if expected is not None and len(pairs) != expected:
+        raise RuntimeError(f"{path}: {len(pairs)} pairs, but the data stage kept {expected}")
     return pairs
 
 
-def _report_metrics(report: Any) -> dict[str, Any]:
-    metrics = {"data/n_rows": report.n_rows, "data/n_kept": report.n_kept, "data/format": report.format}
-    metrics.update({f"data/skipped/{reason}": count for reason, count in report.skipped.items()})
-    return metrics
+def data_metrics(data_dir: str | Path) -> dict[str, Any]:
+    """What the data stage decided (counts, data/prompt_template); empty for a user's own data dir without one."""
+    from selpo_core.artifacts import read_manifest
+
+    return read_manifest(data_dir)["metrics"] if (Path(data_dir) / "manifest.json").is_file() else {}

@@ -15,8 +15,9 @@ from typing import Any
 
 from selpo_core.artifacts import StageOutput
 from selpo_core.config import RunConfig, TSOConfig, to_dict
+from selpo_core.data import read_examples
 from selpo_core.stages.plan import StageInput, StagePlan, external
-from selpo_core.stages.prepare import read_examples
+from selpo_core.stages.prepare import data_metrics
 
 INITIAL = "initial"
 """Generator alias: the round-0 policy (the SFT start), a fixed member of the matrix next to the moving policy."""
@@ -198,7 +199,8 @@ def run_pairs(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Stag
                          "pairs (more samples_per_model, generators or include_human help)")
     examples = [PreferenceExample(j["example_id"], j["prompt"], j["chosen"], j["rejected"]) for j in judged]
     same_model = plan.inputs["policy"].fingerprint == plan.inputs["anchor"].fingerprint
-    rewards = policy_implicit_rewards(cfg, inputs["policy"], None if same_model else inputs["anchor"], examples)
+    rewards = policy_implicit_rewards(cfg, inputs["policy"], None if same_model else inputs["anchor"], examples,
+                                      data_metrics(data_dir).get("data/prompt_template"))
     for j in judged:
         r_chosen, r_rejected = rewards.get(j["example_id"], (float("nan"), float("nan")))
         j.update({"implicit_chosen": r_chosen, "implicit_rejected": r_rejected,

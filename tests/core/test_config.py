@@ -36,7 +36,7 @@ def test_dict_overrides_from_ui() -> None:
         ("oracle.train.precision=fp16", "oracle.train.precision='fp16' is not allowed; choose one of auto, bf16, fp32"),
         ("data.on_bad_row=ignore", "data.on_bad_row='ignore' is not allowed; choose one of error, skip"),
         ("oracle.beta=abc", "oracle.beta must be a number"),
-        ("data.max_prompt_length=999", "data.max_prompt_length=999 must be < data.max_length=256"),
+        ("data.max_prompt_length=1024", "data.max_prompt_length=1024 must be < data.max_length=1024"),
         ("fail_stage=oracle", "unknown config key fail_stage"),
         ("oracle.simpo_beta=0", "oracle.simpo_beta=0.0 must be > 0"),
         ("name=_stages", "must be a non-empty name"),

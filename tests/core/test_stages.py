@@ -124,18 +124,22 @@ def test_rerun_after_a_change_recomputes_exactly_the_changed_keys(tiny_run: tupl
                                                                                   *SEPO}
 
 
-def test_plans_are_made_once_and_user_model_dirs_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plans_are_made_once_and_user_model_dirs_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              word_tokenizer: object) -> None:
+    from selpo_core import models
+    from selpo_core.config import ModelConfig
+
     model = tmp_path / "my-sft"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"w" * 1000)
+    models.save_model_dir(models.build_tiny_model(ModelConfig(tiny_hidden_size=16, tiny_layers=1, tiny_heads=2),
+                                                  word_tokenizer), word_tokenizer, model)
     hashed: list[Path] = []
     digest = artifacts.file_digest
     monkeypatch.setattr(artifacts, "file_digest", lambda path: hashed.append(Path(path)) or digest(path))
     cfg = tiny(tmp_path, **{"reference.path": str(model), "policy_model.path": str(model), "sft.enabled": False})
     graph = plan_graph(cfg)
     plan_graph(cfg)  # e.g. a flow and the CLI in one process
-    assert sorted(p.name for p in hashed) == ["config.json", "model.safetensors"]
+    files = sorted(p.name for p in model.rglob("*") if p.is_file())
+    assert sorted(p.name for p in hashed) == files  # each file of the user's model once, in all
     assert graph.plans["oracle"].inputs["reference"].path == str(model)
 
 
@@ -273,7 +277,11 @@ def test_cli_prints_one_line_for_a_user_error(tmp_path: Path, capsys: pytest.Cap
     missing = tmp_path / "no-such-pairs.jsonl"
     assert main(["data", "--config", str(TINY), "--set", f"runs_dir={tmp_path}", "--set", f"data.path={missing}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"selpo: ConfigError: data.path={str(missing)!r}: no such file"]
+    assert err == [f"selpo: ConfigError: data.path={str(missing)!r}: no such file ({missing})",
+                   "reference.path is empty: set it to your model (a tiny model is built only for the synthetic "
+                   "task with sft.enabled)",
+                   "policy_model.path is empty: set it to your model (a tiny model is built only for the synthetic "
+                   "task with sft.enabled)"]
     assert main(["oracle", "--set", "policy.beta=-1"]) == 1
     assert capsys.readouterr().err.strip() == "selpo: ConfigError: policy.beta=-1.0 must be > 0"
     with pytest.raises(ConfigError, match="no-such-pairs"):

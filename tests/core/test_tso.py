@@ -14,9 +14,10 @@ from stage_spies import InjectedFailure, install_stage_spies
 
 from selpo_core import artifacts, losses, tso, tso_judge
 from selpo_core.config import ConfigError, RunConfig, TSOConfig, load_run_config
+from selpo_core.data import read_examples
 from selpo_core.stages import tso as tso_stages
+from selpo_core.stages.checks import problems
 from selpo_core.stages.plan import StageInput, external
-from selpo_core.stages.prepare import read_examples
 from selpo_core.stages.runner import execute
 from selpo_core.tso_judge import pairs_from_ranking
 
@@ -42,13 +43,13 @@ def test_tso_section_loads_from_the_run_yaml_with_overrides(tmp_path: Path) -> N
     path = tmp_path / "run.yaml"
     path.write_text(TINY.read_text() + "tso:\n  rounds: 4\n  generators: [initial, some/hub-model]\n")
     cfg = load_run_config(path, {"tso.pairing": "all_adjacent", "policy.beta": 0.2})
-    tso.check_run(cfg)
+    assert problems(cfg, cfg.policy.methods, tso=True) == []
     assert isinstance(cfg, RunConfig) and cfg.policy.beta == 0.2 and cfg.name == "tiny"
     assert (cfg.tso.rounds, cfg.tso.generators, cfg.tso.pairing) == (4, ("initial", "some/hub-model"), "all_adjacent")
     with pytest.raises(ConfigError, match=r"unknown config key tso\.roundz"):
         load_run_config(path, ["tso.roundz=2"])
-    with pytest.raises(ConfigError, match="judge='truth' needs the synthetic task"):
-        tso.check_run(load_run_config(path, {"data.path": str(tmp_path / "pairs.jsonl")}))
+    real = load_run_config(path, {"data.path": str(tmp_path / "pairs.jsonl")})
+    assert any("judge='truth' needs the synthetic task" in line for line in problems(real, ["dpo"], tso=True))
 
 
 # -------------------------------------------------------------------------------------------------- pairs
@@ -98,8 +99,8 @@ def test_feedback_correction_flags_pairs_the_policy_orders_the_other_way(tmp_pat
     implicit = {"great answer": (-0.5, 0.25), "yes": (0.0, 0.0)}
     seen: dict[str, Any] = {}
 
-    def fake_implicit_rewards(cfg: RunConfig, policy_path: str, anchor_path: str | None,
-                              examples: list[Any]) -> dict[str, tuple[float, float]]:
+    def fake_implicit_rewards(cfg: RunConfig, policy_path: str, anchor_path: str | None, examples: list[Any],
+                              prompt_template: str | None = None) -> dict[str, tuple[float, float]]:
         seen.update(policy=policy_path, anchor=anchor_path)
         return {e.example_id: implicit[e.chosen] for e in examples}
 
