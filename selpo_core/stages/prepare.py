@@ -19,6 +19,7 @@ from selpo_core.stages.plan import StageInput, StagePlan, external
 log = logging.getLogger("selpo.stages")
 
 TASK_FILES = ("sft.jsonl", "prompts.jsonl", "task.json", "truth.jsonl")
+SYNTHETIC_SOURCE = "synthetic task pairs.jsonl"
 
 
 def plan_synthetic(cfg: RunConfig) -> StagePlan:
@@ -66,6 +67,9 @@ def run_data(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Stage
     tokenizers = {name.removeprefix("tokenizer_"): load_tokenizer_input(path) for name, path in inputs.items()
                   if name.startswith("tokenizer_")}
     examples, loaded = data.load_preference_data(data_cfg)
+    if task_dir is not None:  # name the task's file, not where this store happens to keep it
+        examples = [replace(e, source=SYNTHETIC_SOURCE) for e in examples]
+        loaded.source = SYNTHETIC_SOURCE
     kept, checked = data.check_lengths(examples, tokenizers, data_cfg)
     report = loaded.merge(checked)
     log.info("data: %s", report.summary())
