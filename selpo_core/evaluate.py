@@ -159,6 +159,33 @@ def synthetic_metrics(
     truth = GroundTruth.load(task_dir)
     policy_rewards = [truth.reward(a) for a in policy_answers]
     reference_rewards = [truth.reward(a) for a in reference_answers]
+    answers = answer_metrics(policy_answers, prompts, policy_dir, reference_dir, policy_ended=policy_ended,
+                             batch_size=batch_size, policy_tokenizer=policy_tokenizer,
+                             reference_tokenizer=reference_tokenizer)
+    return {
+        "true_reward": _mean(policy_rewards),
+        "true_reward_reference": _mean(reference_rewards),
+        "reward_gain": _mean(policy_rewards) - _mean(reference_rewards),
+        **answers,
+        "reference_answer_words": _mean([len(a.split()) for a in reference_answers]),
+    }
+
+
+def answer_metrics(
+    policy_answers: Sequence[str],
+    prompts: Sequence[Prompt],
+    policy_dir: Any,
+    reference_dir: Any,
+    *,
+    policy_ended: Sequence[bool] | None = None,
+    batch_size: int = 16,
+    policy_tokenizer: Any = None,
+    reference_tokenizer: Any = None,
+) -> dict[str, float]:
+    """What any data allows about a policy's answers: kl_seq (mean log pi(y|x) - log pi_ref(y|x) over the
+    policy's answers, a sample estimate of KL(pi || pi_ref)), kl_per_token (summed, over the answer tokens, EOS
+    included where ended), answer_words / answer_tokens (mean lengths), n. Each model scores the text with its
+    own tokenizer, so the sequence-level KL is valid across tokenizers."""
     policy_tok = _tokenizer(policy_dir, policy_tokenizer)
     reference_tok = _tokenizer(reference_dir, reference_tokenizer)
     # One model in memory at a time: each is loaded, used and dropped.
@@ -170,18 +197,24 @@ def synthetic_metrics(
     )
     log_ratios = [p - r for p, r in zip(policy_lp, reference_lp, strict=True)]
     return {
-        "true_reward": _mean(policy_rewards),
-        "true_reward_reference": _mean(reference_rewards),
-        "reward_gain": _mean(policy_rewards) - _mean(reference_rewards),
         "kl_seq": _mean(log_ratios),
         "kl_per_token": sum(log_ratios) / max(sum(policy_tokens), 1),
         "answer_words": _mean([len(a.split()) for a in policy_answers]),
         "answer_tokens": _mean(
             [len(policy_tok(a, add_special_tokens=False)["input_ids"]) for a in policy_answers]
         ),
-        "reference_answer_words": _mean([len(a.split()) for a in reference_answers]),
         "n": float(len(policy_answers)),
     }
+
+
+def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ------------------------------------------------------------------------------------------- reward model

@@ -84,6 +84,7 @@ def run_data(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Stage
             out.file(name).write_bytes((task_dir / name).read_bytes())
     else:
         _write_sft(cfg, inputs, train, tokenizers, report.prompt_template, out)
+        _write_prompts(heldout, out)
     out.metrics.update({"n_train": len(train), "n_heldout": len(heldout), **report.metrics()})
 
 
@@ -101,6 +102,24 @@ def _write_sft(cfg: RunConfig, inputs: dict[str, str], train: list[Any], tokeniz
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     out.metrics.update({f"sft/{key.removeprefix('data/')}": value for key, value in report.metrics().items()})
+
+
+def _write_prompts(heldout: list[Any], out: StageOutput) -> None:
+    """prompts.jsonl: the held-out pairs' prompts, what generation answers when generate.prompts is empty (one row
+    per distinct prompt; a conversation keeps its turns in `messages`, `prompt` is its last user turn)."""
+    seen: set[str] = set()
+    with open(out.file("prompts.jsonl"), "w", encoding="utf-8") as handle:
+        for example in heldout:
+            key = json.dumps(example.prompt, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            row: dict[str, Any] = {"id": example.example_id, "prompt": example.prompt}
+            if not isinstance(example.prompt, str):
+                users = [m["content"] for m in example.prompt if m["role"] == "user"]
+                row = {"id": example.example_id, "prompt": users[-1] if users else "", "messages": example.prompt}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out.metrics["n_prompts"] = len(seen)
 
 
 def tokenized_pairs(cfg: RunConfig, data_dir: str | Path, tokenizer: Any, split: str = "train", *,

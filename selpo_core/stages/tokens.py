@@ -49,7 +49,21 @@ def run_score(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Stag
         shard.rename(out.work_dir / "scores" / shard.name)
     if (Path(inputs["data"]) / "task.json").is_file():
         out.metrics.update(_oracle_truth_metrics(scoring.read_scores(out.work_dir / "scores"), Path(inputs["data"])))
+    else:  # real data: how well the oracle's implicit reward orders the held-out pairs
+        out.metrics.update(_oracle_heldout_metrics(cfg, inputs, tokenizer))
     save_config(cfg.score, out.work_dir / "config.yaml")
+
+
+def _oracle_heldout_metrics(cfg: RunConfig, inputs: dict[str, str], tokenizer: Any) -> dict[str, Any]:
+    from selpo_core.evaluate import implicit_reward_accuracy, wilson_interval
+
+    heldout = tokenized_pairs(cfg, inputs["data"], tokenizer, "heldout", name="reference")
+    if not heldout:
+        return {}
+    # A fixed batch: the score stage's key does not hold evaluate.batch_size.
+    accuracy = implicit_reward_accuracy(inputs["oracle"], inputs["reference"], heldout, batch_size=16)
+    return {"oracle_heldout_accuracy": accuracy["accuracy"], "oracle_heldout_n": len(heldout),
+            "oracle_heldout_ci95": list(wilson_interval(accuracy["accuracy"] * len(heldout), len(heldout)))}
 
 
 def _oracle_truth_metrics(table: Any, data_dir: Path) -> dict[str, float]:
