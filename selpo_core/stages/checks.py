@@ -76,6 +76,24 @@ def _disk_problems(cfg: RunConfig, models: list[tuple[str, str]]) -> Iterator[st
                f"{need / 2**30:.1f} GiB (trained models and their checkpoints)")
 
 
+def _same_vocabulary(a: str, b: str) -> bool:
+    from selpo_core.models import load_tokenizer
+
+    return Path(a).resolve() == Path(b).resolve() or load_tokenizer(a).get_vocab() == load_tokenizer(b).get_vocab()
+
+
+def _anchor_problems(cfg: RunConfig, methods: Sequence[str], found: list[str]) -> Iterator[str]:
+    """Selective-DPO scores the policy's own tokens with its anchor: both need one tokenizer."""
+    anchor = cfg.policy.sdpo_reference or cfg.reference.path  # the default anchor, the oracle, is the reference's
+    policy = cfg.policy_model.path or cfg.reference.path
+    if "selective_dpo" not in methods or not anchor or not policy or found:
+        return
+    if not _same_vocabulary(anchor, policy):
+        which = "policy.sdpo_reference" if cfg.policy.sdpo_reference else "the oracle (trained from reference.path)"
+        yield (f"policy.sdpo_reference: selective_dpo's scorer and anchor, {which}, has another tokenizer than the "
+               "policy (policy_model.path); set policy.sdpo_reference to a model with the policy's tokenizer")
+
+
 def problems(cfg: RunConfig, methods: Sequence[str], *, tso: bool = False) -> list[str]:
     """Every problem the run would hit, one line each."""
     found = [*_file_problems("data.path", cfg.data.path), *_file_problems("data.sft_path", cfg.data.sft_path),
@@ -94,6 +112,7 @@ def problems(cfg: RunConfig, methods: Sequence[str], *, tso: bool = False) -> li
     for field, path in models:
         found += _model_problems(field, path)
     found += _disk_problems(cfg, models)
+    found += _anchor_problems(cfg, methods, found)
     return found
 
 

@@ -22,7 +22,7 @@ from selpo_core.stages.checks import check_run
 from selpo_core.stages.plan import StageInput, StagePlan, external, store_dir
 from selpo_core.stages.prepare import plan_data, plan_synthetic
 from selpo_core.stages.runner import LocalRun, remove_orphans
-from selpo_core.stages.tokens import plan_score, plan_select, ref_logps_input
+from selpo_core.stages.tokens import StoredLogps, plan_score, plan_select, stored_logps
 from selpo_core.stages.training import plan_oracle, plan_policy, plan_sft
 from selpo_core.stages.tso import plan_candidates, plan_pairs, plan_prompts, round_label
 
@@ -87,11 +87,12 @@ def _base(model_cfg: ModelConfig, task: StageInput | None, field_name: str, sft:
     return task
 
 
-def _given_ref_logps(score_dir: str) -> tuple[StageInput, str]:
-    """A user's own scores dir as a source of reference log-probs, and the reference it was scored with."""
+def _given_logps(score_dir: str) -> dict[str, StoredLogps]:
+    """A user's own scores dir as a source of its reference's and its oracle's log-probs."""
     manifest = read_manifest(score_dir)
-    return (StageInput(fingerprint=f"ref_logps:{manifest['key']}", path=score_dir),
-            manifest["inputs"]["reference"]["fingerprint"])
+    return {manifest["inputs"][role]["fingerprint"]: (StageInput(f"{column}:{manifest['key']}", path=score_dir),
+                                                      column)
+            for role, column in (("reference", "ref_logps"), ("oracle", "oracle_logps"))}
 
 
 def plan_graph(cfg: RunConfig, *, methods: Sequence[str] | None = None, tso: bool = False,
@@ -125,19 +126,16 @@ def plan_graph(cfg: RunConfig, *, methods: Sequence[str] | None = None, tso: boo
     graph.refs.update(reference=reference, policy_init=policy_init)
     oracle = graph.node("oracle", plan_oracle, cfg, data, reference, sub="model")
     scores = graph.node("score", plan_score, cfg, data, oracle, reference)
-    if "score" in graph.plans:
-        ref_logps, scored_with = ref_logps_input(graph.plans["score"]), reference.fingerprint
-    else:
-        ref_logps, scored_with = _given_ref_logps(graph.given["score"])
+    logps = stored_logps(graph.plans["score"]) if "score" in graph.plans else _given_logps(graph.given["score"])
     selection = graph.node("select", plan_select, cfg, data, scores, policy_init)
     reference_answers = graph.node("generate_reference", plan_generate, cfg, data, policy_init, "reference")
     for method in graph.methods:
-        anchor = method_anchor(cfg, method, policy_init)
-        # Stored log-probs serve a method only when they came from its own anchor.
-        reads_scores = (method in NEEDS_REF_LOGPS and cfg.policy.ref_logps_from_scores
-                        and anchor.fingerprint == scored_with)
+        anchor = method_anchor(cfg, method, policy_init, oracle)
+        # Stored log-probs serve a method only when they came from its own anchor (the reference or the oracle).
+        stored = logps.get(anchor.fingerprint) if cfg.policy.ref_logps_from_scores else None
         policy = graph.node(f"policy_{method}", plan_policy, cfg, method, data, policy_init, anchor,
-                            ref_logps=ref_logps if reads_scores else None, selection=selection, sub="model")
+                            ref_logps=stored if method in NEEDS_REF_LOGPS else None, selection=selection,
+                            sub="model")
         answers = graph.node(f"generate_{method}", plan_generate, cfg, data, policy, method)
         graph.node(f"evaluate_{method}", plan_evaluate, cfg, data, answers, reference_answers, policy, policy_init,
                    method)
@@ -145,10 +143,11 @@ def plan_graph(cfg: RunConfig, *, methods: Sequence[str] | None = None, tso: boo
     return graph
 
 
-def method_anchor(cfg: RunConfig, method: str, policy_init: StageInput) -> StageInput:
-    """The DPO family is anchored to the policy's own start; Selective-DPO may name another scorer/anchor."""
-    if method == "selective_dpo" and cfg.policy.sdpo_reference:
-        return external(cfg.policy.sdpo_reference, sub="model")
+def method_anchor(cfg: RunConfig, method: str, policy_init: StageInput, oracle: StageInput) -> StageInput:
+    """The DPO family is anchored to the policy's own start. Selective-DPO's scorer and anchor must be a strong
+    model (its paper: larger, or DPO-aligned): by default the oracle, or the model policy.sdpo_reference names."""
+    if method == "selective_dpo":
+        return external(cfg.policy.sdpo_reference, sub="model") if cfg.policy.sdpo_reference else oracle
     return policy_init
 
 

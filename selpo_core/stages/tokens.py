@@ -21,14 +21,24 @@ def plan_score(cfg: RunConfig, data: StageInput, oracle: StageInput, reference: 
                      {"data": data, "oracle": oracle, "reference": reference})
 
 
-def ref_logps_input(score: StagePlan) -> StageInput:
-    """The score stage as a source of reference log-probs only: its fingerprint leaves out the oracle and the
-    reward scale, so a method that reads nothing else (dpo, ipo, tso, selective_dpo) keeps its key when the
-    oracle or score.beta change."""
+StoredLogps = tuple[StageInput, str]
+"""A source of per-token log-probs of one model: the score stage (as an input) and the column that holds them."""
+
+
+def stored_logps(score: StagePlan) -> dict[str, StoredLogps]:
+    """{model fingerprint: stored log-probs} of the two models the score stage ran, its reference (ref_logps)
+    and its oracle (oracle_logps). Each source's fingerprint holds only what that column depends on (the data,
+    that model, the scoring settings), so a method anchored to the reference (dpo, ipo, tso) keeps its key when
+    the oracle or score.beta change."""
     settings = {k: v for k, v in score.section["score"].items() if k not in SCORE_FIELDS_NOT_IN_REF_LOGPS}
-    fingerprint = stable_hash({"data": score.inputs["data"].fingerprint, "settings": settings,
-                               "reference": score.inputs["reference"].fingerprint, "code": code_version()})
-    return StageInput(fingerprint=f"ref_logps:{fingerprint}", stage=score.dirname)
+
+    def source(role: str, column: str) -> StoredLogps:
+        fingerprint = stable_hash({"data": score.inputs["data"].fingerprint, "settings": settings,
+                                   "model": score.inputs[role].fingerprint, "code": code_version()})
+        return StageInput(fingerprint=f"{column}:{fingerprint}", stage=score.dirname), column
+
+    return {score.inputs["reference"].fingerprint: source("reference", "ref_logps"),
+            score.inputs["oracle"].fingerprint: source("oracle", "oracle_logps")}
 
 
 def run_score(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:

@@ -123,10 +123,11 @@ def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
 
 
 def plan_policy(cfg: RunConfig, method: str, data: StageInput, policy_init: StageInput, anchor: StageInput, *,
-                ref_logps: StageInput | None, selection: StageInput | None, label: str = "",
+                ref_logps: tuple[StageInput, str] | None, selection: StageInput | None, label: str = "",
                 title: str = "") -> StagePlan:
     """Train the policy with one method from `policy_init`. Inputs are only what the method reads: the anchor
-    model (DPO family without stored log-probs, TDPO always), the stored reference log-probs, the selection.
+    model (DPO family without stored log-probs, TDPO always), the anchor's stored log-probs (the score stage and
+    its column: `ref_logps` of the reference, `oracle_logps` of the oracle), the selection.
 
     `label` names the stage when one method is trained several times in a run (TSO rounds); `title` the task."""
     p = cfg.policy
@@ -134,7 +135,7 @@ def plan_policy(cfg: RunConfig, method: str, data: StageInput, policy_init: Stag
                "lora": {"r": cfg.policy_model.lora_r, "alpha": cfg.policy_model.lora_alpha}}
     inputs: dict[str, StageInput] = {"data": data, "policy_init": policy_init}
     if method in NEEDS_REF_LOGPS and ref_logps is not None:
-        inputs["ref_logps"] = ref_logps
+        inputs["ref_logps"], section["ref_logps_column"] = ref_logps
     elif method in NEEDS_REF_LOGPS or method in NEEDS_REF_MODEL_ALWAYS:
         inputs["anchor"] = anchor
     if method == "sepo":
@@ -165,6 +166,7 @@ def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
         extras["selected"] = scores_to_pair_lookup(pq.read_table(f"{inputs['selection']}/selection.parquet"))
     if "ref_logps" in inputs:
         extras["ref"] = scores_to_pair_lookup(read_scores(f"{inputs['ref_logps']}/scores"))
+        extras["ref_column"] = plan.section["ref_logps_column"]
     elif "anchor" in inputs:
         same = plan.inputs["anchor"].fingerprint == plan.inputs["policy_init"].fingerprint
         ref_model = models.frozen_copy(model if same else models.load_model(inputs["anchor"], dtype=_fp32()))
@@ -186,7 +188,8 @@ def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
 def _pair_extras(batch: list[Any], extras: dict[str, Any]) -> dict[str, Any]:
     """Per-response selected masks and reference log-probs looked up by (example_id, side)."""
     kwargs: dict[str, Any] = {}
-    for name, column, prefix in (("selected", "selected", "selected"), ("ref", "ref_logps", "ref_logps")):
+    columns = (("selected", "selected", "selected"), ("ref", extras.get("ref_column", "ref_logps"), "ref_logps"))
+    for name, column, prefix in columns:
         if name not in extras:
             continue
         lookup = extras[name]

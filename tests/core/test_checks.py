@@ -82,3 +82,23 @@ def test_disk_space_for_checkpoints_is_checked(tmp_path: Path, monkeypatch: pyte
     assert "GiB free" in line and "checkpoints" in line
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 1000 * (10 + CHECKPOINT_FACTOR)))
     assert not [p for p in problems(cfg, cfg.policy.methods) if p.startswith("runs_dir")]
+
+
+def test_selective_dpo_anchor_must_share_the_policy_tokenizer(tmp_path: Path, make_word_tokenizer) -> None:
+    from selpo_core import models
+    from selpo_core.config import ModelConfig
+
+    tiny = ModelConfig(tiny_hidden_size=16, tiny_layers=1, tiny_heads=2)
+    dirs = {}
+    for name, words in (("a", ["x", "y", "z"]), ("b", ["p", "q"])):
+        tokenizer = make_word_tokenizer(words)
+        dirs[name] = models.save_model_dir(models.build_tiny_model(tiny, tokenizer), tokenizer, tmp_path / name)
+    base = {"data.path": "org/data", "sft.enabled": False, "policy.methods": ["selective_dpo"]}
+    same = load_run_config(None, {**base, "reference.path": str(dirs["a"]), "policy_model.path": str(dirs["a"])})
+    assert problems(same, ["selective_dpo"]) == []
+    other = load_run_config(None, {**base, "reference.path": str(dirs["a"]), "policy_model.path": str(dirs["b"])})
+    (line,) = problems(other, ["selective_dpo"])
+    assert line.startswith("policy.sdpo_reference: selective_dpo's scorer and anchor, the oracle")
+    fixed = load_run_config(None, {**base, "reference.path": str(dirs["a"]), "policy_model.path": str(dirs["b"]),
+                                   "policy.sdpo_reference": str(dirs["b"])})
+    assert problems(fixed, ["selective_dpo"]) == []

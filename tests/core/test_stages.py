@@ -289,6 +289,17 @@ def test_cli_prints_one_line_for_a_user_error(tmp_path: Path, capsys: pytest.Cap
               "--debug"])
 
 
+def test_each_method_reads_the_stored_logps_of_its_own_anchor(tmp_path: Path) -> None:
+    plans = plan_graph(tiny(tmp_path, **{"policy.methods": ["dpo", "selective_dpo", "tdpo2", "sepo"]})).plans
+    dpo, sdpo = plans["policy_dpo"], plans["policy_selective_dpo"]
+    assert dpo.section["ref_logps_column"] == "ref_logps" and "anchor" not in dpo.inputs
+    # Selective-DPO is scored and anchored by the oracle (a DPO-aligned model), read from the same Parquet.
+    assert sdpo.section["ref_logps_column"] == "oracle_logps"
+    assert sdpo.inputs["ref_logps"].stage == dpo.inputs["ref_logps"].stage == plans["score"].dirname
+    assert plans["policy_tdpo2"].inputs["anchor"] == plans["policy_tdpo2"].inputs["policy_init"]  # full vocab KL
+    assert "anchor" not in plans["policy_sepo"].inputs and "ref_logps" not in plans["policy_sepo"].inputs
+
+
 def test_stage_nodes_name_planned_stages(tmp_path: Path) -> None:
     plans = plan_graph(tiny(tmp_path)).plans
     for stage, node in stage_graph.STAGE_NODES.items():
