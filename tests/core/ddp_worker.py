@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import time
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--ready", type=Path, default=None, help="touched when set up; then wait for --go")
     parser.add_argument("--go", type=Path, default=None)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")  # the test reads selpo's log lines
     if args.pid:
         os.getpid = lambda: args.pid
 

@@ -311,14 +311,16 @@ def test_load_failure_names_the_checkpoint(tmp_path: Path) -> None:
         run(cfg, tmp_path, name="unloadable")
 
 
-def test_epochs_set_the_steps_from_the_data(tmp_path: Path) -> None:
+def test_epochs_set_the_steps_from_the_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     items = tiny.make_items(40)  # 5 micro-batches of 8 per epoch
     assert planned_steps(fp32(max_steps=7), 5) == 7  # epochs 0: max_steps, unchanged
     assert planned_steps(fp32(epochs=2), 5) == 10 and planned_steps(fp32(epochs=2, grad_accum=2), 5) == 5
     assert planned_steps(fp32(epochs=0.1), 30) == 3  # not 4: 0.1 * 30 = 3.0000000000000004
     assert planned_steps(fp32(epochs=0.01), 30) == 1
-    _, result = run(fp32(max_steps=3, epochs=2, warmup_steps=0), tmp_path, items=items, name="epochs")
+    with caplog.at_level("INFO", logger="selpo.train"):
+        _, result = run(fp32(max_steps=3, epochs=2, warmup_steps=0), tmp_path, items=items, name="epochs")
     assert result.steps == 10  # max_steps=3 is ignored
+    assert "epochs: 10 optimizer steps (2 epochs; 40 items, 5 micro-batches of 8 per epoch" in caplog.text
     assert result.final_metrics["epoch"] == pytest.approx(2.0)
     assert result.final_metrics["lr"] == pytest.approx(3e-3 * lr_factor(9, 0, 10))  # schedule over 10 steps
     _, more = run(fp32(max_steps=3, epochs=2, warmup_steps=0), tmp_path, items=tiny.make_items(80), name="x2")
@@ -414,6 +416,17 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path: Path) -
     rng_files = {p.name for p in final.glob("random_states_*.pkl")}
     assert rng_files == {"random_states_0.pkl", "random_states_1.pkl"}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+
+    # Damage the last checkpoint and run again: both ranks fall back to step 2 (the main process decides) and
+    # finish with the same weights as the uninterrupted 2-process run.
+    (final / "random_states_1.pkl").write_bytes(b"tampered")
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"checkpoint {final} has random_states_1.pkl of 8 bytes" in proc.stderr
+    assert "resuming from" in proc.stderr and "step-000002" in proc.stderr
+    resumed_state = torch.load(out / "state_dict.pt")
+    for key, value in ddp_state.items():
+        assert torch.equal(resumed_state[key], value), key
 
 
 @pytest.mark.gpu
