@@ -338,15 +338,15 @@ def _shard_table(shard: _Shard, oracle: list[np.ndarray], ref: list[np.ndarray],
 # ---------------------------------------------------------------------------------------------- forwards
 
 
-def _batches(shard: _Shard, batch_tokens: int) -> list[list[int]]:
-    return token_budget_batches([r.total for r in shard.responses], batch_tokens)
-
-
 @dataclass
 class _Counter:
     real: int = 0
     padded: int = 0
     seconds: float = 0.0
+
+
+def _batches(shard: _Shard, batch_tokens: int) -> list[list[int]]:
+    return token_budget_batches([r.total for r in shard.responses], batch_tokens)
 
 
 def _forward(model: Any, rows: Sequence[_Response], device: torch.device) -> list[np.ndarray]:
