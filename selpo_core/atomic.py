@@ -1,63 +1,31 @@
-"""Temp names no two processes share, atomic writes and removals, and cleanup of dead processes' leftovers.
+"""Temp names no two processes share, removal that never leaves half a directory, and cleanup of the temp
+files and dirs that dead processes left inside a stage's partial dir (checkpoints, scoring shards).
 
-A temp name carries host, pid and a random token: `.<final name>.tmp-<host>-<pid>-<12 hex>`. pid alone is not
-unique (two containers, or two hosts on one network filesystem, reuse pids), and a fixed name such as
-`.step-000005.tmp` is shared by every process that writes the same thing. The host and pid let a later run
-tell a dead process's leftover from a live one's: on the same host, a pid that no longer exists wrote it.
-(Two containers that share both a hostname and a directory cannot be told apart this way; the leftover of a
-live process there looks dead. Stage locks keep such processes from sharing a directory in the first place.)
+Temp names follow artifacts.atomic_write_text: `.<final name>.tmp-<host>-<pid>-<random>`, so a pid repeated by
+another container or host never collides. Host and pid also tell a dead process's leftover from a live one's:
+on this host, a pid that no longer exists wrote it. (Two containers that share a hostname and a directory
+cannot be told apart this way; the stage lock keeps two writers out of one partial dir in the first place.)
 
-Removal is rename-then-delete (`.<name>.trash-<token>`), so a kill in the middle of deleting a checkpoint or
-shard never leaves a half-deleted directory under its real name.
+Removal is rename-then-delete (`.<name>.trash-<host>-<pid>-<random>`), so a kill in the middle of deleting a
+checkpoint never leaves a half-deleted directory under its real name.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import socket
-import uuid
 from pathlib import Path
-from typing import Any
 
-_LEFTOVER = re.compile(r"\..+\.(?:tmp|trash)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{12}")
+from selpo_core.artifacts import unique_suffix
 
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-
-
-def temp_token() -> str:
-    """`<host>-<pid>-<12 random hex>`: unique across processes, hosts and containers."""
-    return f"{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+_LEFTOVER = re.compile(r"\..+\.(?:tmp|trash)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8,}")
 
 
 def temp_path(final: Path, kind: str = "tmp") -> Path:
     """A hidden sibling of `final` that no other process uses: `.<name>.<kind>-<host>-<pid>-<random>`."""
-    return final.with_name(f".{final.name}.{kind}-{temp_token()}")
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` so a reader sees the old file or the whole new one: unique temp file, fsync, rename.
-
-    Two processes writing the same path at once both succeed; the last rename wins.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_bytes(path, json.dumps(value, indent=2, default=str).encode())
+    return final.with_name(f".{final.name}.{kind}-{unique_suffix()}")
 
 
 def remove_tree(path: Path) -> None:
@@ -84,9 +52,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def is_dead_leftover(path: Path) -> bool:
-    """True for a temp or trash entry (named by `temp_path`) of a process of this host that has exited."""
+    """True for a temp or trash entry (named as `temp_path` names them) of an exited process of this host."""
     match = _LEFTOVER.fullmatch(path.name)
-    if match is None or match["host"] != _host():
+    if match is None or match["host"] != socket.gethostname():
         return False
     pid = int(match["pid"])
     return pid != os.getpid() and not _pid_alive(pid)
@@ -107,5 +75,4 @@ def remove_dead_leftovers(directory: Path) -> list[Path]:
     return removed
 
 
-__all__ = ["temp_token", "temp_path", "write_bytes", "write_json", "remove_tree", "is_dead_leftover",
-           "remove_dead_leftovers"]
+__all__ = ["temp_path", "remove_tree", "is_dead_leftover", "remove_dead_leftovers"]

@@ -26,7 +26,8 @@ from typing import Any
 
 from accelerate.utils import broadcast_object_list
 
-from selpo_core.atomic import remove_dead_leftovers, remove_tree, temp_path, write_json
+from selpo_core.artifacts import atomic_write_json
+from selpo_core.atomic import remove_dead_leftovers, remove_tree, temp_path
 
 log = logging.getLogger("selpo.train")
 
@@ -132,7 +133,7 @@ def save_checkpoint(accelerator: Any, checkpoint_dir: Path, state: dict[str, Any
         files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         state = {**state, "files": files}
-        write_json(tmp / TRAINER_STATE, {**state, "checksum": _state_checksum(state)})
+        atomic_write_json(tmp / TRAINER_STATE, {**state, "checksum": _state_checksum(state)})
         _publish(tmp, final)
         for old in _by_step(Path(checkpoint_dir))[:-keep]:
             remove_tree(old)

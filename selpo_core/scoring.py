@@ -56,7 +56,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from selpo_core.atomic import remove_dead_leftovers, temp_path, write_json
+from selpo_core.artifacts import atomic_write_json
+from selpo_core.atomic import remove_dead_leftovers, temp_path
 from selpo_core.batching import token_budget_batches
 from selpo_core.config import ScoreConfig
 from selpo_core.logps import model_per_token_logps
@@ -441,7 +442,7 @@ def score_pairs(
     dtype = resolve_dtype(cfg.precision, device)
     shards = _plan(pairs, cfg, dtype)
     # Every rank writes the same plan (same inputs); unique temp names and the atomic rename make it harmless.
-    write_json(shard_dir / PLAN_FILE, _plan_json(shards, cfg, dtype))
+    atomic_write_json(shard_dir / PLAN_FILE, _plan_json(shards, cfg, dtype))
     if rank == 0:  # shards of an older, longer plan would otherwise travel with the results
         planned = {s.name for s in shards}
         for stale in shard_dir.glob("part-*.parquet"):

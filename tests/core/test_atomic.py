@@ -39,7 +39,7 @@ def test_only_leftovers_of_dead_processes_on_this_host_are_removed(tmp_path: Pat
     (dead_dir / "model.safetensors").write_bytes(b"half")
     dead_file.write_text("{")
     dead_trash.mkdir()
-    other_host = tmp_path / f".step-000004.tmp-otherhost-{_dead_pid()}-0123456789ab"
+    other_host = tmp_path / f".step-000004.tmp-other-host-{_dead_pid()}-01234567"
     other_host.mkdir()
     unrelated = [tmp_path / "step-000002", tmp_path / ".plan.json.tmp-123", tmp_path / "notes.tmp-x-1-2"]
     unrelated[0].mkdir()
@@ -52,13 +52,10 @@ def test_only_leftovers_of_dead_processes_on_this_host_are_removed(tmp_path: Pat
     assert live.is_dir() and other_host.is_dir() and all(p.exists() for p in unrelated)
 
 
-def test_write_bytes_replaces_whole_and_remove_tree_tolerates_a_vanished_path(tmp_path: Path) -> None:
-    target = tmp_path / "sub" / "plan.json"
-    atomic.write_json(target, {"a": 1})
-    atomic.write_bytes(target, b"new")
-    assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == ["plan.json"]
+def test_remove_tree_leaves_nothing_and_tolerates_a_vanished_path(tmp_path: Path) -> None:
     tree = tmp_path / "step-000001"
     (tree / "inner").mkdir(parents=True)
+    (tree / "inner" / "model.safetensors").write_bytes(b"weights")
     atomic.remove_tree(tree)
     atomic.remove_tree(tree)  # already gone (as when another process pruned it first)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+    assert list(tmp_path.iterdir()) == []
