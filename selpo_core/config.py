@@ -173,7 +173,10 @@ class TrainConfig:
     """One training run: optimisation, precision, checkpoints, logging."""
 
     max_steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (ignored when epochs > 0)."""
+    epochs: float = 0.0
+    """Passes over the data; > 0 sets the steps to ceil(epochs * micro-batches per epoch / grad_accum), so the
+    run scales with the data (a fraction is fine). 0 uses max_steps. The resolved count is logged."""
     batch_size: int = 8
     """Pairs (or SFT sequences) per micro-batch per process."""
     grad_accum: int = 1
@@ -191,19 +194,29 @@ class TrainConfig:
     seed: int = 0
     """Seed of data order and dropout."""
     save_every: int = 50
-    """Checkpoint (weights, optimizer, scheduler, RNG, data position) every N steps; 0 only at the end."""
+    """Checkpoint (weights, optimizer, scheduler, RNG, data position, checksums) every N steps; 0 only at the end.
+    A resume continues exactly, so this never changes the trained weights."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk. With 2 or more, a damaged newest checkpoint (truncated, edited) falls
+    back to the one before it; with 1 it means starting over."""
     log_every: int = 10
     """Log metrics every N steps."""
     report_to: str = "tensorboard"
     """tensorboard (offline, under the stage dir), wandb, or none."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every"):
+        for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "keep_checkpoints"):
             _positive("train", name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "save_every"):
+        for name in ("epochs", "warmup_steps", "weight_decay", "max_grad_norm", "save_every"):
             _positive("train", name, getattr(self, name), allow_zero=True)
         _choice("train", "precision", self.precision, PRECISIONS)
         _choice("train", "report_to", self.report_to, ("tensorboard", "wandb", "none"))
+
+
+TRAIN_FIELDS_NOT_IN_KEY = ("save_every", "keep_checkpoints", "log_every", "report_to")
+"""TrainConfig fields that cannot change a training result (weights, metrics aside): checkpoint cadence and
+retention (resume is exact) and logging. A stage's cache key should leave them out (tests/core/test_train.py
+trains twice per field, with only that field changed, and asserts equal weights)."""
 
 
 @dataclass(frozen=True)
