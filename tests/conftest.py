@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
+
+# Tests never download: a hub id must be in the local cache (and none is), as for every selpo command.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # Whitespace-split words: "Human:" is one token, and decode() joins tokens with single spaces, so a text
 # round-trips as " ".join(text.split()). Numbered words w0..w99 make long sequences easy.

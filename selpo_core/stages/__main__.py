@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.stage or args.plan):
         parser.error("name a STAGE or give --plan FILE")
     configure_logging()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded behind the user's back
     try:
         run(args)
     except user_errors() as err:
@@ -86,4 +85,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded behind the user's back
     sys.exit(main())

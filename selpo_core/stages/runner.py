@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from selpo_core.artifacts import PARTIAL_SUFFIX, TMP_MARK, StageOutput, stage_output, verify_stage
+from selpo_core.artifacts import PARTIAL_SUFFIX, TMP_MARK, StageOutput, stage_output, unique_suffix, verify_stage
 from selpo_core.config import RunConfig, save_config
 from selpo_core.stages import answers, dist, prepare, tokens, training, tso
 from selpo_core.stages.plan import StagePlan, store_dir
@@ -155,8 +155,7 @@ def _link_into_run(cfg: RunConfig, final: Path) -> None:
     if view.is_symlink() or view.exists():
         return
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = view.with_name(f".{view.name}{TMP_MARK}{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    tmp = view.with_name(f".{view.name}{TMP_MARK}{unique_suffix()}")
     tmp.symlink_to(os.path.relpath(final, cfg.run_dir))
     os.replace(tmp, view)
 

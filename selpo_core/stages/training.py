@@ -10,13 +10,10 @@ import random
 from typing import Any
 
 from selpo_core.artifacts import StageOutput
-from selpo_core.config import ModelConfig, RunConfig, TrainConfig, save_config, to_dict
+from selpo_core.config import TRAIN_FIELDS_NOT_IN_KEY, ModelConfig, RunConfig, TrainConfig, save_config, to_dict
 from selpo_core.objectives import LOSS_FIELDS, NEEDS_REF_LOGPS, NEEDS_REF_MODEL_ALWAYS
 from selpo_core.stages.plan import StageInput, StagePlan
 from selpo_core.stages.prepare import tokenized_pairs
-
-TRAIN_FIELDS_NOT_IN_KEY = ("log_every", "save_every", "report_to")
-"""TrainConfig fields that cannot change a training result (resume is exact), so they stay out of keys."""
 
 
 def train_key(train: TrainConfig) -> dict[str, Any]:
@@ -35,7 +32,8 @@ def _fp32() -> Any:
 
 def _train_metrics(result: Any, n_params: int) -> dict[str, Any]:
     return {"steps": result.steps, "seconds": round(result.seconds, 2), "parameters": n_params,
-            "tokens_per_second": round(result.tokens_per_second, 1), **result.final_metrics}
+            "tokens_per_second": round(result.tokens_per_second, 1), "total_tokens": result.total_tokens,
+            "total_tokens_per_second": round(result.total_tokens_per_second, 1), **result.final_metrics}
 
 
 # ---------------------------------------------------------------------------------------------------- SFT
