@@ -171,16 +171,20 @@ def engine_kwargs(model_dir: str | Path, options: VLLMOptions, *, device: str, d
 
 
 def vllm_tokenizer_dir(model_dir: Path, keep: list[Any]) -> str | None:
-    """A tokenizer-only copy of `model_dir` when it holds a generic saved tokenizer, else None.
+    """A tokenizer-only copy of `model_dir` when vLLM would load another tokenizer than selpo, else None.
 
-    transformers 5's AutoTokenizer (which vLLM uses) rebuilds such a tokenizer as the config's model type's
-    class: the synthetic word-level tokenizer of a qwen2 directory became a byte-level BPE (seen: "tell me
-    about the weather" -> 2 tokens instead of 5). Without config.json beside it, the saved one loads as is.
+    transformers 5's AutoTokenizer (which vLLM uses) rebuilds a generic saved tokenizer as the config's model
+    type's class: the synthetic word-level tokenizer of a qwen2 directory became a byte-level BPE (seen: "tell
+    me about the weather" -> 2 tokens instead of 5). Without config.json beside it, the saved one loads as is.
     """
-    from selpo_core.models import _is_generic_saved_tokenizer
+    from transformers import AutoTokenizer
+
+    from selpo_core.models import _is_generic_saved_tokenizer, load_tokenizer
 
     if not _is_generic_saved_tokenizer(model_dir):
         return None
+    if AutoTokenizer.from_pretrained(str(model_dir)).get_vocab() == load_tokenizer(model_dir).get_vocab():
+        return None  # e.g. llama directories: no swap, nothing to work around
     tmp = tempfile.TemporaryDirectory(prefix="selpo-vllm-tokenizer-")
     keep.append(tmp)  # removed when the engine that reads it goes
     for path in model_dir.iterdir():
@@ -238,7 +242,16 @@ def start_engine(model_dir: str | Path, options: VLLMOptions, **extra: Any) -> E
     log.info("starting vLLM %s on %s (%s, max_model_len %s, eager %s)", vllm.__version__, device, dtype,
              kwargs.get("max_model_len", "model's"), kwargs["enforce_eager"])
     started = time.perf_counter()
-    llm = vllm.LLM(**kwargs, **extra)
+    # vLLM looks for a model config beside the tokenizer copy and logs its absence as two ERROR lines
+    # (retrying once): expected here, so that logger is quiet while the engine starts.
+    quiet = logging.getLogger("vllm.transformers_utils.repo_utils")
+    level = quiet.level
+    if tokenizer_dir is not None:
+        quiet.setLevel(logging.CRITICAL)
+    try:
+        llm = vllm.LLM(**kwargs, **extra)
+    finally:
+        quiet.setLevel(level)
     engine = Engine(llm, device, dtype, shape, time.perf_counter() - started, keep)
     log.info("vLLM engine started in %.1fs", engine.start_seconds)
     return engine
