@@ -54,7 +54,7 @@ from selpo_core.generate_spec import (
 from selpo_core.generate_vllm import MAKE_HINT, VLLMOptions, read_model_shape, unsupported_reason
 from selpo_core.vllm_venv import resolve_vllm_python, run_generation_subprocess, vllm_build
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("selpo.generate")
 
 BACKENDS = ("transformers", "vllm", "vllm-subprocess")
 
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperatures-json", default=None, help="one temperature per prompt (JSON list)")
     parser.add_argument("--batch-size", type=int, default=32, help="transformers backend only")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the parent adds the time
     spec = SamplingSpec.from_json(args.spec_json)
     options = VLLMOptions.from_json(args.options_json)
     with open(args.prompts, encoding="utf-8") as handle:

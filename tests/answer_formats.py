@@ -1,4 +1,4 @@
-"""The answer-file format checks every generation test applies (tests/core and tests/vllm alike).
+"""The answer-file format checks every generation test applies (tests/core and tests/vllm_engine alike).
 
 `check_answer_files(out_dir, benchmark, question_rows, model_name, n_samples)` reads what `generate_answers`
 wrote in `out_dir` and checks each file field by field against the question rows it answered:
@@ -39,8 +39,8 @@ def check_answer_files(out_dir: Path, benchmark: str, rows: list[dict[str, Any]]
         assert isinstance(outputs, list) and len(outputs) == len(rows)
         for entry, row, record in zip(outputs, rows, records, strict=True):
             assert set(entry) == {"instruction", "output", "generator", "dataset"}
-            assert entry["instruction"] == row["instruction"] and entry["dataset"] == row.get("dataset", record.category
-                                                                                             or "selpo")
+            assert entry["instruction"] == row.get("instruction", row.get("prompt"))  # a plain file's prompt too
+            assert entry["dataset"] == row.get("dataset", "selpo")
             assert entry["output"] == record.answers[0][0] and entry["generator"] == model_name
     elif benchmark in ("arena_hard", "mt_bench"):
         answers = [json.loads(line) for line in (out_dir / f"{benchmark}.jsonl").read_text().splitlines()]

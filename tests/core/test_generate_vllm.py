@@ -1,5 +1,5 @@
 """vLLM engine settings without vLLM: model shape and head-size check, KV-cache sizing on CPU and GPU, dtype and
-eager/compiled choice, the vLLM venv's build. (The engine itself runs in tests/vllm, in the vLLM venv.)"""
+eager/compiled choice, the vLLM venv's build. (The engine itself runs in tests/vllm_engine, in the vLLM venv.)"""
 
 from __future__ import annotations
 
