@@ -206,10 +206,11 @@ class Engine:
     """Temporary directories the engine reads (the tokenizer copy), removed with it."""
 
 
-def start_engine(model_dir: str | Path, options: VLLMOptions, **extra: Any) -> Engine:
+def start_engine(model_dir: str | Path, options: VLLMOptions, *, tokenizer: bool = True, **extra: Any) -> Engine:
     """`vllm.LLM` for `model_dir` with selpo's settings (module docstring); `extra` goes to LLM as is.
 
     The head size is checked before the engine starts (a bad one only fails at the first step otherwise).
+    `tokenizer=False`: token ids in, ids and log-probs out, no tokenizer loaded (scoring needs no text).
     """
     # Offline and quiet; in-process engine core: deterministic scheduling (a seed reproduces the answers)
     # and no `if __name__ == "__main__"` guard needed by the caller.
@@ -236,9 +237,11 @@ def start_engine(model_dir: str | Path, options: VLLMOptions, **extra: Any) -> E
     kwargs = engine_kwargs(model_dir, options, device=device, dtype=dtype, shape=shape,
                            available=available_memory_bytes())
     keep: list[Any] = []
-    tokenizer_dir = vllm_tokenizer_dir(model_dir, keep)
+    tokenizer_dir = vllm_tokenizer_dir(model_dir, keep) if tokenizer else None
     if tokenizer_dir is not None:
         kwargs["tokenizer"] = tokenizer_dir
+    if not tokenizer:  # (vLLM then logs a harmless "Chat template warmup failed" warning)
+        kwargs["skip_tokenizer_init"] = True
     log.info("starting vLLM %s on %s (%s, max_model_len %s, eager %s)", vllm.__version__, device, dtype,
              kwargs.get("max_model_len", "model's"), kwargs["enforce_eager"])
     started = time.perf_counter()

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         start_seconds, seconds = 0.0, 0.0
         if todo:
             # No prefix cache: prompt log-probs are needed at every position of every sequence.
-            engine = start_engine(model_dir, options, enable_prefix_caching=False)
+            engine = start_engine(model_dir, options, tokenizer=False, enable_prefix_caching=False)
             llm, start_seconds = engine.llm, engine.start_seconds
             for path in todo:
                 with np.load(path) as data:
