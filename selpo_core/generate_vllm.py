@@ -179,11 +179,12 @@ def vllm_tokenizer_dir(model_dir: Path, keep: list[Any]) -> str | None:
     """
     from transformers import AutoTokenizer
 
-    from selpo_core.models import _is_generic_saved_tokenizer, load_tokenizer
+    from selpo_core.models import _GENERIC_TOKENIZERS, _is_generic_saved_tokenizer
 
     if not _is_generic_saved_tokenizer(model_dir):
         return None
-    if AutoTokenizer.from_pretrained(str(model_dir)).get_vocab() == load_tokenizer(model_dir).get_vocab():
+    # The vocabulary alone would not show it (the rebuilt BPE keeps the ids): its class does.
+    if type(AutoTokenizer.from_pretrained(str(model_dir))).__name__ in _GENERIC_TOKENIZERS:
         return None  # e.g. llama directories: no swap, nothing to work around
     tmp = tempfile.TemporaryDirectory(prefix="selpo-vllm-tokenizer-")
     keep.append(tmp)  # removed when the engine that reads it goes

@@ -306,7 +306,7 @@ def test_generate_answers_records_the_backend(
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"id": 1, "prompt": "hello"}) + "\n")
     cfg = GenerateConfig(prompts=str(path), vllm_python=str(tmp_path / "none"))
-    with caplog.at_level("INFO", logger="selpo_core.generate"):
+    with caplog.at_level("INFO", logger="selpo.generate"):
         stats = generate_answers(cfg, tmp_path, str(path), tmp_path / "out", model_name="m")
     assert (stats["backend"], stats["backend_device"]) == ("transformers", "cpu")
     assert "no vLLM venv" in stats["backend_reason"]

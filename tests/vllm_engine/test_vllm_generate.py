@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from vllm_helpers import prompt_texts, save_tiny_model
+from vllm_helpers import (
+    prompt_texts,
+    run_driver_fixture,  # noqa: F401  (fixtures, by name)
+    save_tiny_model,
+    vllm_python_fixture,  # noqa: F401
+)
 
 from selpo_core.benchmark_formats import mt_bench_temperature
 from selpo_core.benchmarks_io import BenchmarkPrompt
@@ -79,7 +84,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, run_driver: Any) -> dict[str, 
         "model": str(model), "options": {"precision": "fp32", "seed": 0},
         "cases": [{"name": name, "conversations": c, "spec": json.loads(spec.to_json())}
                   for name, (c, spec) in cases.items()],
-        "repeat": ["sampled"], "unsupported_models": [str(bad)],
+        "repeat": ["sampled"], "unsupported_models": [str(bad)], "probe": prompts[0],
         "mt_bench": {"prompts": [p.__dict__ for p in mt_prompts], "spec": json.loads(mt_spec.to_json()),
                      "temperatures": mt_temperatures},
     }
@@ -88,12 +93,20 @@ def run(tmp_path_factory: pytest.TempPathFactory, run_driver: Any) -> dict[str, 
                 "short": rows_of(hf.generate(convs, short)),
                 "mt_bench": generate_records(hf, mt_prompts, mt_spec, temperatures=mt_temperatures)}
     return {"result": result, "expected": expected, "model": model, "bad": bad, "stop": stop.stop[0],
-            "eos": eos, "mt_prompts": mt_prompts}
+            "eos": eos, "mt_prompts": mt_prompts, "probe": prompts[0], "tokenizer": hf.tokenizer}
 
 
 def test_engine_runs_fp32_on_this_host(run: dict[str, Any]) -> None:
     result = run["result"]
     assert result["dtype"] == "float32" and result["device"] in ("cpu", "cuda") and result["start_seconds"] > 0
+
+
+def test_vllm_uses_the_saved_tokenizer(run: dict[str, Any]) -> None:
+    """A qwen2 dir's generic word-level tokenizer: transformers 5 would rebuild it as a BPE for vLLM, whose stop
+    strings then matched across words (its decode glued them together); selpo hands vLLM the saved one."""
+    tokenizer, probe = run["tokenizer"], run["probe"]
+    assert run["result"]["probe_ids"] == tokenizer(probe, add_special_tokens=False)["input_ids"]
+    assert run["result"]["probe_text"] == probe == tokenizer.decode(run["result"]["probe_ids"])
 
 
 def test_greedy_answers_equal_transformers_token_for_token(run: dict[str, Any]) -> None:

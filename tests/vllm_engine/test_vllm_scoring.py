@@ -9,7 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from vllm_helpers import save_tiny_model, synthetic_tokenizer
+from vllm_helpers import (
+    save_tiny_model,
+    synthetic_tokenizer,
+    vllm_python_fixture,  # noqa: F401  (fixtures, by name)
+)
 
 from selpo_core.config import ScoreConfig
 from selpo_core.data import TokenizedPair

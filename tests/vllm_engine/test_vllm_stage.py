@@ -15,7 +15,12 @@ from typing import Any
 
 import pytest
 from answer_formats import check_answer_files
-from vllm_helpers import HEAD_DIM_64, REPO, prompt_texts
+from vllm_helpers import (
+    HEAD_DIM_64,
+    REPO,
+    prompt_texts,
+    vllm_python_fixture,  # noqa: F401  (fixtures, by name)
+)
 
 pytestmark = pytest.mark.vllm
 

@@ -53,8 +53,12 @@ def main(job_path: str, out_path: str) -> None:
         except BackendUnavailable as err:
             unsupported[model] = {"error": str(err), "seconds": time.perf_counter() - started}
     backend = VLLMBackend(job["model"], VLLMOptions(**job["options"]))
+    # What vLLM's own tokenizer makes of a probe (it decides where stop strings match): must be selpo's.
+    vllm_tokenizer = backend.llm.get_tokenizer()
+    probe_ids = vllm_tokenizer.encode(job.get("probe", ""), add_special_tokens=False)
     result: dict[str, Any] = {"device": backend.device, "dtype": backend.engine.dtype,
-                              "start_seconds": backend.start_seconds, "unsupported": unsupported}
+                              "start_seconds": backend.start_seconds, "unsupported": unsupported,
+                              "probe_ids": probe_ids, "probe_text": vllm_tokenizer.decode(probe_ids)}
     result["cases"] = {case["name"]: run_case(backend, case) for case in job["cases"]}
     result["repeats"] = {case["name"]: run_case(backend, case) for case in job["cases"]
                          if case["name"] in job.get("repeat", [])}
