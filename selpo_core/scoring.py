@@ -453,7 +453,11 @@ def score_pairs(
     pending = [s for s in mine if not _is_done(shard_dir, s, warn=True)]
     counter = _Counter()
     desc = "scoring" if world_size == 1 else f"scoring[rank {rank}]"
-    if pending and cfg.one_model_at_a_time:
+    if pending and cfg.backend == "vllm":  # prompt log-probs from vLLM in its own venv: selpo_core/vllm_scoring.py
+        from selpo_core.vllm_scoring import score_shards
+
+        score_shards(pending, oracle_dir, reference_dir, cfg, shard_dir, counter, finish=_finish)
+    elif pending and cfg.one_model_at_a_time:
         _score_one_at_a_time(pending, oracle_dir, reference_dir, cfg, shard_dir, dtype, device, counter, desc)
     elif pending:
         _score_side_by_side(pending, oracle_dir, reference_dir, cfg, shard_dir, dtype, device, counter, desc)

@@ -11,16 +11,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from selpo_core.benchmark_formats import (
+    MT_BENCH_TEMPERATURES,
+    markdown_counts,
+    mt_bench_temperature,
+    write_alpaca_eval,
+    write_arena_hard,
+    write_mt_bench,
+)
 from selpo_core.benchmarks_io import (
     GenerationRecord,
     PromptFileError,
     load_prompts,
     read_generations,
-    write_alpaca_eval,
-    write_arena_hard,
     write_benchmark_file,
     write_generations,
-    write_mt_bench,
 )
 
 
@@ -51,6 +56,15 @@ def test_alpaca_eval_json_keeps_dataset(tmp_path: Path) -> None:
     (prompt,) = load_prompts(path, benchmark="alpaca_eval")
     assert prompt.turns == ["Why?"] and prompt.category == "helpful_base" and prompt.id == "0"
     assert prompt.source["dataset"] == "helpful_base"
+
+
+def test_alpaca_eval_takes_plain_prompt_rows(tmp_path: Path) -> None:
+    # The synthetic task's prompts.jsonl ({"id", "prompt"}) answered in AlpacaEval's format (make demo).
+    (prompt,) = load_prompts(jsonl(tmp_path / "p.jsonl", [{"id": 3, "prompt": "tell me"}]), benchmark="alpaca_eval")
+    assert (prompt.id, prompt.turns, prompt.category) == ("3", ["tell me"], "")
+    (entry,) = json.loads(write_alpaca_eval([record(3, [["answer"]], id=3, prompt="tell me")], tmp_path / "a.json",
+                                            "m").read_text())
+    assert entry == {"instruction": "turn 0", "output": "answer", "generator": "m", "dataset": "cat"}
 
 
 def test_arena_hard_v01_and_v2(tmp_path: Path) -> None:
@@ -100,7 +114,7 @@ def test_mt_bench_two_turns(tmp_path: Path) -> None:
     [
         ("plain", [{"prompt": "ok"}, {"text": "no prompt"}], 2, "'prompt'"),
         ("plain", [{"prompt": ""}], 1, "'prompt'"),
-        ("alpaca_eval", [{"prompt": "wrong field"}], 1, "'instruction'"),
+        ("alpaca_eval", [{"text": "wrong field"}], 1, "'instruction'"),
         ("arena_hard", [{"question_id": "q", "turns": [{"text": "x"}]}], 1, "'turns[0]'"),
         ("arena_hard", [{"category": "c", "prompt": "no id"}], 1, "'question_id'"),
         ("mt_bench", [{"question_id": 1, "turns": []}], 1, "'turns'"),
@@ -170,15 +184,15 @@ def test_alpaca_eval_writer(tmp_path: Path) -> None:
         write_alpaca_eval([record(2, [["a", "b"]])], tmp_path / "x.json", "m")
 
 
-def test_arena_hard_writer(tmp_path: Path) -> None:
+def test_arena_hard_v01_writer(tmp_path: Path) -> None:
     records = [
         record("328c1", [["a b c"], ["d"]], question_id="328c1"),
-        record("ab12", [["e f"]], uid="ab12"),
+        record("99", [["e f"]], question_id="99"),
     ]
     path = write_arena_hard(records, tmp_path / "answers.jsonl", "my-model")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [set(r) for r in rows] == [{"question_id", "answer_id", "model_id", "choices", "tstamp"}] * 2
-    assert [r["question_id"] for r in rows] == ["328c1", "ab12"] and rows[0]["model_id"] == "my-model"
+    assert [r["question_id"] for r in rows] == ["328c1", "99"] and rows[0]["model_id"] == "my-model"
     assert rows[0]["choices"] == [
         {"index": 0, "turns": [{"content": "a b c", "token_len": 4}]},
         {"index": 1, "turns": [{"content": "d", "token_len": 2}]},
@@ -191,6 +205,57 @@ def test_arena_hard_writer(tmp_path: Path) -> None:
     assert [r["answer_id"] for r in again] == [r["answer_id"] for r in rows]  # content hash, not random
     other = write_arena_hard(records, tmp_path / "c.jsonl", "another-model").read_text().splitlines()
     assert json.loads(other[0])["answer_id"] != rows[0]["answer_id"]
+
+
+def test_arena_hard_v2_writer_field_by_field(tmp_path: Path) -> None:
+    """arena-hard-auto v2.0 gen_answer.py: {uid, ans_id, model, messages, tstamp, metadata}, sample 0."""
+    answer = "# Title\n## Part\n1. one\n2. two\n- dash\n* star\n**bold** and __under__\n```\n# not a header\n```"
+    v2 = record("ab12", [[answer], ["second sample"]], uid="ab12", category="hard_prompt", prompt="Q?")
+    path = write_arena_hard([v2], tmp_path / "answers.jsonl", "my-model")
+    (row,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert list(row) == ["uid", "ans_id", "model", "messages", "tstamp", "metadata"]
+    assert row["uid"] == "ab12" and row["model"] == "my-model"
+    assert isinstance(row["ans_id"], str) and len(row["ans_id"]) == 22 and isinstance(row["tstamp"], float)
+    assert row["messages"] == [
+        {"role": "user", "content": "Q?"},  # the question's own prompt text
+        {"role": "assistant", "content": {"answer": answer}},  # judges read messages[-1]["content"]["answer"]
+    ]
+    assert row["metadata"] == {
+        "token_len": len(answer.split()) + 1,  # the record's n_tokens of sample 0
+        "header_count": {"h1": 1, "h2": 1, "h3": 0, "h4": 0, "h5": 0, "h6": 0},  # the code block's '#' not
+        "list_count": {"ordered": 2, "unordered": 2},
+        "bold_count": {"**": 1, "__": 1},
+    }
+    again = json.loads(write_arena_hard([v2], tmp_path / "b.jsonl", "my-model").read_text())
+    assert again["ans_id"] == row["ans_id"]  # content hash, not random
+    with pytest.raises(ValueError, match="single-turn"):
+        write_arena_hard([record("x", [["a", "b"]], uid="x", prompt="p")], tmp_path / "c.jsonl", "m")
+
+
+def test_markdown_counts_follow_arena_hard_auto() -> None:
+    empty = {"header_count": {f"h{k}": 0 for k in range(1, 7)}, "list_count": {"ordered": 0, "unordered": 0},
+             "bold_count": {"**": 0, "__": 0}}
+    assert markdown_counts("plain words") == empty
+    counts = markdown_counts("### three\n###### six\n#not a header\n  3. indented\n+ plus\n**a**b**")
+    assert counts["header_count"] == {"h1": 0, "h2": 0, "h3": 1, "h4": 0, "h5": 0, "h6": 1}
+    assert counts["list_count"] == {"ordered": 1, "unordered": 1} and counts["bold_count"] == {"**": 1, "__": 0}
+
+
+def test_mt_bench_temperatures_are_fastchats_table() -> None:
+    """fastchat/llm_judge/common.py temperature_config, field by field; gen_model_answer.py's 0.7 otherwise."""
+    assert MT_BENCH_TEMPERATURES == {
+        "writing": 0.7,
+        "roleplay": 0.7,
+        "extraction": 0.0,
+        "math": 0.0,
+        "coding": 0.0,
+        "reasoning": 0.0,
+        "stem": 0.1,
+        "humanities": 0.1,
+        "arena-hard-200": 0.0,
+    }
+    assert [mt_bench_temperature(c) for c in ("writing", "math", "stem", "arena-hard-200")] == [0.7, 0.0, 0.1, 0.0]
+    assert mt_bench_temperature("unlisted") == 0.7 and mt_bench_temperature("") == 0.7
 
 
 def test_mt_bench_writer(tmp_path: Path) -> None:

