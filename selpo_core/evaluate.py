@@ -56,11 +56,14 @@ def _device(model: Any) -> torch.device:
 
 
 def encode_answer(
-    tokenizer: Any, prompt: Prompt, answer: str, *, ended: bool = True
+    tokenizer: Any, prompt: Prompt, answer: str, *, ended: bool = True, prompt_template: str = "chat"
 ) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) as generation saw them: the chat-templated prompt, then the answer (+ EOS)."""
-    text = tokenizer.apply_chat_template(_messages(prompt), add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    """(prompt ids, answer ids) as generation saw them: the prompt rendered as training rendered it (raw or
+    chat, the data stage's choice; tokenization.py), then the answer (+ EOS)."""
+    from selpo_core.tokenization import render_prompt
+
+    prompt_ids = render_prompt(prompt if prompt_template == "raw" else _messages(prompt), tokenizer,
+                               prompt_template)
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
     if ended:
         answer_ids = answer_ids + [tokenizer.eos_token_id]
@@ -101,11 +104,13 @@ def _answer_logps(
     answers: Sequence[str],
     ended: Sequence[bool] | None,
     batch_size: int,
+    prompt_template: str = "chat",
 ) -> tuple[list[float], list[int]]:
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     flags = list(ended) if ended is not None else [True] * len(answers)
-    rows = [encode_answer(tokenizer, p, a, ended=e) for p, a, e in zip(prompts, answers, flags, strict=True)]
+    rows = [encode_answer(tokenizer, p, a, ended=e, prompt_template=prompt_template)
+            for p, a, e in zip(prompts, answers, flags, strict=True)]
     return _response_logps(model, rows, batch_size), [len(r) for _, r in rows]
 
 
@@ -143,6 +148,7 @@ def synthetic_metrics(
     batch_size: int = 16,
     policy_tokenizer: Any = None,
     reference_tokenizer: Any = None,
+    prompt_template: str = "chat",
 ) -> dict[str, float]:
     """Ground truth on the synthetic task. Answers are aligned with `prompts` (repeat a prompt per sample).
 
@@ -161,7 +167,7 @@ def synthetic_metrics(
     reference_rewards = [truth.reward(a) for a in reference_answers]
     answers = answer_metrics(policy_answers, prompts, policy_dir, reference_dir, policy_ended=policy_ended,
                              batch_size=batch_size, policy_tokenizer=policy_tokenizer,
-                             reference_tokenizer=reference_tokenizer)
+                             reference_tokenizer=reference_tokenizer, prompt_template=prompt_template)
     return {
         "true_reward": _mean(policy_rewards),
         "true_reward_reference": _mean(reference_rewards),
@@ -181,6 +187,7 @@ def answer_metrics(
     batch_size: int = 16,
     policy_tokenizer: Any = None,
     reference_tokenizer: Any = None,
+    prompt_template: str = "chat",
 ) -> dict[str, float]:
     """What any data allows about a policy's answers: kl_seq (mean log pi(y|x) - log pi_ref(y|x) over the
     policy's answers, a sample estimate of KL(pi || pi_ref)), kl_per_token (summed, over the answer tokens, EOS
@@ -190,10 +197,10 @@ def answer_metrics(
     reference_tok = _tokenizer(reference_dir, reference_tokenizer)
     # One model in memory at a time: each is loaded, used and dropped.
     policy_lp, policy_tokens = _answer_logps(
-        _model(policy_dir), policy_tok, prompts, policy_answers, policy_ended, batch_size
+        _model(policy_dir), policy_tok, prompts, policy_answers, policy_ended, batch_size, prompt_template
     )
     reference_lp, _ = _answer_logps(
-        _model(reference_dir), reference_tok, prompts, policy_answers, policy_ended, batch_size
+        _model(reference_dir), reference_tok, prompts, policy_answers, policy_ended, batch_size, prompt_template
     )
     log_ratios = [p - r for p, r in zip(policy_lp, reference_lp, strict=True)]
     return {

@@ -28,7 +28,7 @@ def _single_turn(records: list[GenerationRecord]) -> tuple[list[str], list[str],
 
 def evaluate_run(cfg: EvaluateConfig, *, data_dir: Path, generations_dir: Path, reference_generations_dir: Path,
                  model_dir: Path, reference_dir: Path, heldout_pairs: list[Any], reward_model: str = "",
-                 baseline_answers: str = "") -> dict[str, Any]:
+                 baseline_answers: str = "", prompt_template: str = "chat") -> dict[str, Any]:
     """`heldout_pairs`: the data stage's held-out pairs in the policy's tokens; `reward_model` / `baseline_answers`:
     cfg.evaluate's paths as the stage resolved them (empty: none)."""
     from selpo_core import evaluate
@@ -41,12 +41,13 @@ def evaluate_run(cfg: EvaluateConfig, *, data_dir: Path, generations_dir: Path, 
         read_generations(reference_generations_dir / "generations.jsonl"))
     if (data_dir / "task.json").is_file():
         truth = evaluate.synthetic_metrics(answers, reference_answers, prompts, data_dir, model_dir, reference_dir,
-                                           policy_ended=ended, batch_size=cfg.batch_size)
+                                           policy_ended=ended, batch_size=cfg.batch_size,
+                                           prompt_template=prompt_template)
         metrics.update({"mean_reward": truth["true_reward"], "reference_reward": truth["true_reward_reference"],
                         "reward_gain": truth["reward_gain"]})
     else:
         truth = evaluate.answer_metrics(answers, prompts, model_dir, reference_dir, policy_ended=ended,
-                                        batch_size=cfg.batch_size)
+                                        batch_size=cfg.batch_size, prompt_template=prompt_template)
     metrics.update({"kl": truth["kl_seq"], "kl_per_token": truth["kl_per_token"],
                     "answer_words": truth["answer_words"], "answer_tokens": truth["answer_tokens"]})
     if reward_model:

@@ -139,14 +139,15 @@ def _local_device() -> str:
     return "cuda" if _cuda_available() else "cpu"
 
 
-def make_backend(name: str, model_dir: str | Path, cfg: GenerateConfig) -> Backend:
+def make_backend(name: str, model_dir: str | Path, cfg: GenerateConfig, prompt_template: str = "chat") -> Backend:
     """An in-process backend: transformers, or vllm when it is importable here."""
     if name == "transformers":
-        return TransformersBackend(model_dir, batch_size=cfg.batch_size, dtype=cfg.precision)
+        return TransformersBackend(model_dir, batch_size=cfg.batch_size, dtype=cfg.precision,
+                                   prompt_template=prompt_template)
     if name == "vllm":
         from selpo_core.generate_vllm import VLLMBackend
 
-        return VLLMBackend(model_dir, VLLMOptions.from_config(cfg))
+        return VLLMBackend(model_dir, replace(VLLMOptions.from_config(cfg), prompt_template=prompt_template))
     raise ValueError(f"backend {name!r} cannot be built in-process; choose transformers or vllm")
 
 
@@ -226,9 +227,12 @@ def prompt_temperatures(cfg: GenerateConfig, prompts: Sequence[BenchmarkPrompt])
 
 
 def generate_answers(
-    cfg: GenerateConfig, model_dir: Path, prompts_path: str, out_dir: Path, *, model_name: str
+    cfg: GenerateConfig, model_dir: Path, prompts_path: str, out_dir: Path, *, model_name: str,
+    prompt_template: str = "chat",
 ) -> dict[str, Any]:
     """Answer the prompts file with `model_dir`; write generations.jsonl and the benchmark file in `out_dir`.
+
+    `prompt_template` (raw or chat) renders prompts as training did: the data stage's choice.
 
     Returns {"backend" (transformers | vllm), "backend_device", "backend_reason", "n_prompts",
     "tokens_per_second", "seconds", "start_seconds", "mean_answer_tokens", "files"}, with seconds and tokens/s
@@ -242,13 +246,14 @@ def generate_answers(
     out_dir.mkdir(parents=True, exist_ok=True)
     if choice.name == "vllm-subprocess":
         assert choice.python is not None  # pick_backend found it
+        options = replace(VLLMOptions.from_config(cfg), prompt_template=prompt_template)
         records, times = run_generation_subprocess(choice.python, model_dir, prompts, spec, out_dir / "subprocess",
-                                                   options=VLLMOptions.from_config(cfg), temperatures=temperatures)
+                                                   options=options, temperatures=temperatures)
         seconds, start_seconds = times["seconds"], times.get("start_seconds", 0.0)
         shutil.rmtree(out_dir / "subprocess", ignore_errors=True)
     else:
         started = time.perf_counter()
-        engine = make_backend(choice.name, model_dir, cfg)
+        engine = make_backend(choice.name, model_dir, cfg, prompt_template)
         start_seconds = time.perf_counter() - started
         started = time.perf_counter()
         records = generate_records(engine, prompts, spec, temperatures=temperatures)
@@ -300,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
 
         engine = VLLMBackend(args.model, options)
     else:
-        engine = TransformersBackend(args.model, batch_size=args.batch_size, progress=False, dtype=options.precision)
+        engine = TransformersBackend(args.model, batch_size=args.batch_size, progress=False, dtype=options.precision,
+                                     prompt_template=options.prompt_template)
     start_seconds = time.perf_counter() - started
     started = time.perf_counter()
     records = generate_records(engine, prompts, spec, temperatures=temperatures)

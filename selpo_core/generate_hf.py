@@ -73,6 +73,7 @@ class TransformersBackend:
         dtype: str | torch.dtype | None = None,
         batch_size: int = 32,
         progress: bool = True,
+        prompt_template: str = "chat",
     ) -> None:
         import torch
 
@@ -84,14 +85,15 @@ class TransformersBackend:
         self.tokenizer = models.load_tokenizer(model_dir)
         self.model = models.load_model(model_dir, dtype=dtype, device=self.device)
         self.batch_size, self.progress = batch_size, progress
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        self.prompt_template = prompt_template
+        if prompt_template == "chat" and getattr(self.tokenizer, "chat_template", None) is None:
             raise BackendUnavailable(
                 f"tokenizer of {model_dir} has no chat template; prompts cannot be rendered"
             )
         self.eos_ids = merge_eos_ids(self.model.generation_config.eos_token_id, self.tokenizer, str(model_dir))
 
     def encode(self, conversation: Conversation) -> list[int]:
-        return encode_conversation(self.tokenizer, conversation)
+        return encode_conversation(self.tokenizer, conversation, self.prompt_template)
 
     def generate(self, conversations: list[Conversation], spec: SamplingSpec) -> list[list[Completion]]:
         from tqdm.auto import tqdm

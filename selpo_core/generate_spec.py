@@ -107,11 +107,18 @@ def merge_eos_ids(eos: Any, tokenizer: Any, where: str) -> list[int]:
     return sorted(eos_ids)
 
 
-def encode_conversation(tokenizer: Any, conversation: Conversation) -> list[int]:
-    """Prompt ids of a conversation ending with a user turn, as every backend feeds them to the model."""
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    # The template already writes BOS where the model wants it; add_special_tokens would double it.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def encode_conversation(tokenizer: Any, conversation: Conversation, prompt_template: str = "chat") -> list[int]:
+    """Prompt ids of a conversation ending with a user turn, as every backend feeds them to the model: rendered
+    as training rendered the prompts (`prompt_template`, the data stage's raw or chat; tokenization.py)."""
+    from selpo_core.tokenization import render_prompt
+
+    if prompt_template != "raw":
+        return render_prompt(conversation, tokenizer, "chat")
+    if len(conversation) != 1 or conversation[0]["role"] != "user":
+        raise BackendUnavailable("the policy was trained on raw-text prompts (data.prompt_template raw, or auto with "
+                                 "string prompts), which have no rendering for a multi-turn conversation; train "
+                                 "with data.prompt_template=chat to answer multi-turn prompts (MT-Bench)")
+    return render_prompt(conversation[0]["content"], tokenizer, "raw")
 
 
 __all__ = [

@@ -107,6 +107,8 @@ class VLLMOptions:
     compile: str = "auto"
     tensor_parallel_size: int = 1
     seed: int = 0
+    prompt_template: str = "chat"
+    """How prompts become tokens (raw or chat): the data stage's choice, as training rendered them."""
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig) -> VLLMOptions:
@@ -281,9 +283,11 @@ class VLLMBackend:
 
         model_dir = Path(model_dir).expanduser()
         self.tokenizer = models.load_tokenizer(model_dir)
-        if getattr(self.tokenizer, "chat_template", None) is None:
+        options = options or VLLMOptions()
+        self.prompt_template = options.prompt_template
+        if self.prompt_template == "chat" and getattr(self.tokenizer, "chat_template", None) is None:
             raise BackendUnavailable(f"tokenizer of {model_dir} has no chat template; prompts cannot be rendered")
-        self.engine = start_engine(model_dir, options or VLLMOptions())
+        self.engine = start_engine(model_dir, options)
         self.llm, self.device, self.progress = self.engine.llm, self.engine.device, progress
         self.start_seconds = self.engine.start_seconds
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
@@ -294,7 +298,7 @@ class VLLMBackend:
         self.eos_ids = merge_eos_ids(eos, self.tokenizer, str(model_dir))
 
     def encode(self, conversation: Conversation) -> list[int]:
-        return encode_conversation(self.tokenizer, conversation)
+        return encode_conversation(self.tokenizer, conversation, self.prompt_template)
 
     def generate(self, conversations: list[Conversation], spec: SamplingSpec) -> list[list[Completion]]:
         import vllm

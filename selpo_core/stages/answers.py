@@ -8,7 +8,7 @@ from pathlib import Path
 from selpo_core.artifacts import StageOutput
 from selpo_core.config import RunConfig, save_config, to_dict
 from selpo_core.stages.plan import StageInput, StagePlan, external
-from selpo_core.stages.prepare import tokenized_pairs
+from selpo_core.stages.prepare import data_metrics, tokenized_pairs
 
 GENERATE_FIELDS_NOT_IN_KEY = ("prompts", "vllm_python")
 """Generation settings that are inputs (the prompts file, by content) or cannot change an answer."""
@@ -19,16 +19,18 @@ def plan_generate(cfg: RunConfig, data: StageInput, model: StageInput, label: st
     section = {"generate": {k: v for k, v in to_dict(cfg.generate).items() if k not in GENERATE_FIELDS_NOT_IN_KEY},
                "label": label}
     prompts = external(cfg.generate.prompts) if cfg.generate.prompts else replace(data, sub="prompts.jsonl")
+    # The data stage decides how prompts are rendered (raw or chat): generation renders them as training did.
     return StagePlan(f"generate_{label}", "generate", title or f"generate [{label}]", section,
-                     {"prompts": prompts, "model": model})
+                     {"prompts": prompts, "model": model, "data": data})
 
 
 def run_generate(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
     from selpo_core.generate import generate_answers
 
     label = plan.section["label"]
+    template = data_metrics(inputs["data"]).get("data/prompt_template") or "chat"
     out.metrics.update(generate_answers(cfg.generate, Path(inputs["model"]), inputs["prompts"], out.work_dir,
-                                        model_name=label))
+                                        model_name=label, prompt_template=template))
     save_config(cfg.generate, out.work_dir / "config.yaml")
 
 
@@ -58,6 +60,7 @@ def run_evaluate(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: S
                            reference_generations_dir=Path(inputs["reference_generations"]),
                            model_dir=Path(inputs["model"]), reference_dir=Path(inputs["reference"]),
                            heldout_pairs=heldout,
+                           prompt_template=data_metrics(data_dir).get("data/prompt_template") or "chat",
                            reward_model=inputs.get("reward_model", ""),
                            baseline_answers=inputs.get("baseline_answers", ""))
     write_report(metrics, out.work_dir, title=f"selpo evaluation: {plan.section['label']}")

@@ -118,7 +118,8 @@ def run_candidates(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out:
         gen_dir = out.work_dir / "generators" / name
         # Each generator its own sample stream: two similar models with one seed give identical answers.
         stats = generate_answers(replace(gen_cfg, seed=gen_cfg.seed + 100 * i), Path(inputs[f"generator_{name}"]),
-                                 inputs["prompts"], gen_dir, model_name=name)
+                                 inputs["prompts"], gen_dir, model_name=name,
+                                 prompt_template=data_metrics(inputs["data"]).get("data/prompt_template") or "chat")
         out.metrics[f"generate_seconds/{name}"] = stats["seconds"]
         for record in read_generations(gen_dir / "generations.jsonl"):
             for sample, reasons in zip(record.answers, record.finish_reasons):

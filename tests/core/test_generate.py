@@ -216,7 +216,7 @@ def test_mt_bench_turn_two_follows_own_turn_one() -> None:
 
 def test_generate_answers_mt_bench_through_spy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spy = SpyBackend()
-    monkeypatch.setattr(generate, "make_backend", lambda name, model_dir, cfg: spy)
+    monkeypatch.setattr(generate, "make_backend", lambda name, model_dir, cfg, prompt_template: spy)
     path = tmp_path / "question.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in MT_QUESTIONS))
     cfg = GenerateConfig(backend="transformers", benchmark="mt_bench", prompts=str(path))
@@ -302,7 +302,7 @@ def test_generate_answers_records_the_backend(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _fake_env(monkeypatch, vllm_here=None, gpu=False)
-    monkeypatch.setattr(generate, "make_backend", lambda name, model_dir, cfg: SpyBackend())
+    monkeypatch.setattr(generate, "make_backend", lambda name, model_dir, cfg, prompt_template: SpyBackend())
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"id": 1, "prompt": "hello"}) + "\n")
     cfg = GenerateConfig(prompts=str(path), vllm_python=str(tmp_path / "none"))

@@ -89,28 +89,37 @@ def test_unknown_tokens_in_rendered_prompts_warn(word_tokenizer, caplog):
     assert caplog.text == ""
 
 
-def _generate_rendering(tokenizer: Any, prompt: str) -> list[int]:
+def _generate_rendering(tokenizer: Any, prompt: str, mode: str = "raw") -> list[int]:
     from selpo_core.generate import TransformersBackend
 
-    return TransformersBackend.encode(types.SimpleNamespace(tokenizer=tokenizer), [{"role": "user", "content": prompt}])
+    backend = types.SimpleNamespace(tokenizer=tokenizer, prompt_template=mode)
+    return TransformersBackend.encode(backend, [{"role": "user", "content": prompt}])
 
 
-def _evaluate_rendering(tokenizer: Any, prompt: str) -> list[int]:
+def _vllm_rendering(tokenizer: Any, prompt: str, mode: str = "raw") -> list[int]:
+    from selpo_core.generate_vllm import VLLMBackend
+
+    backend = types.SimpleNamespace(tokenizer=tokenizer, prompt_template=mode)
+    return VLLMBackend.encode(backend, [{"role": "user", "content": prompt}])
+
+
+def _evaluate_rendering(tokenizer: Any, prompt: str, mode: str = "raw") -> list[int]:
     from selpo_core.evaluate import encode_answer
 
-    return encode_answer(tokenizer, prompt, "fine")[0]
+    return encode_answer(tokenizer, prompt, "fine", prompt_template=mode)[0]
 
 
-@pytest.mark.xfail(strict=True, reason="generate.TransformersBackend.encode and evaluate.encode_answer still apply the "
-                   "chat template to standard-format prompts; they must call tokenization.render_prompts")
-@pytest.mark.parametrize("stage", [_generate_rendering, _evaluate_rendering])
+@pytest.mark.parametrize("stage", [_generate_rendering, _vllm_rendering, _evaluate_rendering])
 def test_generation_and_evaluation_render_prompts_like_training(word_tokenizer, stage):
     """Standard-format data is trained on raw prompts (prompt_template auto -> raw): generation and evaluation
     must condition on exactly those ids, not on a template whose markers become <unk>."""
     word_tokenizer.chat_template = UNK_TEMPLATE
     mode = resolve_prompt_template("auto", ["hello how are"])
     trained_on = render_prompt("hello how are", word_tokenizer, mode)
-    assert stage(word_tokenizer, "hello how are") == trained_on
+    assert stage(word_tokenizer, "hello how are", mode) == trained_on
+    # Conversational data trains through the template: so do generation and evaluation.
+    assert stage(word_tokenizer, "hello how are", "chat") == render_prompt([{"role": "user", "content":
+                                                                             "hello how are"}], word_tokenizer, "chat")
 
 
 def test_synthetic_task_renders_the_same_raw_or_through_its_template():
@@ -122,7 +131,7 @@ def test_synthetic_task_renders_the_same_raw_or_through_its_template():
     tok = build_tokenizer(make_vocabulary(cfg))
     train, heldout = make_prompts(cfg)
     prompts = [p.text for p in train[:50] + heldout]
-    assert render_prompts(prompts, tok, "raw") == [_generate_rendering(tok, p) for p in prompts]
+    assert render_prompts(prompts, tok, "raw") == [_generate_rendering(tok, p, "chat") for p in prompts]
 
 
 # ----------------------------------------------------------------------------------------------- truncation
