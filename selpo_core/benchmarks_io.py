@@ -52,6 +52,12 @@ class BenchmarkPrompt:
     category: str = ""
     source: dict[str, Any] = field(default_factory=dict)
 
+    def first_conversation(self) -> list[dict[str, str]]:
+        """What turn 1 answers: the row's own conversation (`messages`, a plain row from a data stage's held-out
+        multi-turn prompt: earlier turns as the data has them), else the first user turn alone."""
+        messages = self.source.get("messages")
+        return list(messages) if messages else [{"role": "user", "content": self.turns[0]}]
+
 
 @dataclass(frozen=True)
 class GenerationRecord:
@@ -163,6 +169,7 @@ def _parse_row(where: str, index: int, row: Any, benchmark: str) -> BenchmarkPro
     if benchmark == "plain":
         turns = [_text(where, row, "prompt", benchmark)]
         ident, category = row.get("id", index), row.get("category", "")
+        _check_messages(where, row.get("messages"))
     elif benchmark == "alpaca_eval":
         # A plain {"prompt"} file (the synthetic task's) can be answered in AlpacaEval's format too.
         name = "prompt" if "instruction" not in row and "prompt" in row else "instruction"
@@ -191,6 +198,17 @@ def _parse_row(where: str, index: int, row: Any, benchmark: str) -> BenchmarkPro
     if ident is None or str(ident) == "":
         raise PromptFileError(f"{where}: the prompt id is empty")
     return BenchmarkPrompt(id=str(ident), turns=turns, category=str(category or ""), source=dict(row))
+
+
+def _check_messages(where: str, messages: Any) -> None:
+    """A plain row's optional `messages`: {role, content} turns ending with the user turn to answer."""
+    if messages is None:
+        return
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                              and isinstance(m.get("content"), str) for m in messages)):
+        raise PromptFileError(f"{where}: field 'messages' must be a list of {{role, content}} turns")
+    if messages[-1]["role"] != "user":
+        raise PromptFileError(f"{where}: field 'messages' must end with a user turn, got {messages[-1]['role']!r}")
 
 
 def load_prompts(

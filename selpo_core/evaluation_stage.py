@@ -19,8 +19,10 @@ def _single_turn(records: list[GenerationRecord]) -> tuple[list[str], list[str],
     """(prompt, answer, ended) per sample; multi-turn records contribute their last turn."""
     prompts, answers, ended = [], [], []
     for record in records:
+        # A held-out multi-turn prompt is answered (and so scored) after its own earlier turns.
+        prompt = record.source.get("messages") if len(record.turns) == 1 else None
         for sample, reasons in zip(record.answers, record.finish_reasons):
-            prompts.append(record.turns[-1])
+            prompts.append(prompt or record.turns[-1])
             answers.append(sample[-1])
             ended.append(reasons[-1] == "eos")
     return prompts, answers, ended

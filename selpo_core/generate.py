@@ -185,7 +185,7 @@ def generate_records(
 def _records(backend: Backend, prompts: Sequence[BenchmarkPrompt], spec: SamplingSpec) -> list[GenerationRecord]:
     # answers[p][j] = sample j's answers so far, one Completion per turn.
     answers: list[list[list[Completion]]] = []
-    first = backend.generate([[{"role": "user", "content": p.turns[0]}] for p in prompts], spec)
+    first = backend.generate([p.first_conversation() for p in prompts], spec)
     for p, row in zip(prompts, first, strict=True):
         if len(row) != spec.n:
             raise RuntimeError(f"backend {backend.name} returned {len(row)} answers for {p.id!r}, expected {spec.n}")

@@ -104,3 +104,22 @@ def test_every_format_gives_the_same_pairs_and_accounting(real: dict[str, Any], 
     other_counts = {key: value for key, value in manifest(other, "data")["metrics"].items()
                     if key.startswith(("data/n_", "data/skipped/"))}
     assert other_counts == counts and counts["data/n_kept"] < N_ROWS
+
+
+def test_multi_turn_held_out_prompts_are_answered_after_their_own_turns(real: dict[str, Any]) -> None:
+    from selpo_core.benchmarks_io import read_generations
+    from selpo_core.stages.graph import run_graph
+    from selpo_core.stages.runner import LocalRun
+
+    cfg = config(real, "conversational", "bytelevel-small", "bytelevel-small")
+    graph = plan_graph(cfg)
+    answers = run_graph(graph, ["generate_reference"], LocalRun(cfg))["generate_reference"]
+    data = manifest(cfg, "data")["metrics"]
+    assert data["data/prompt_template"] == "chat"  # conversations train through the template: so they generate
+    records = read_generations(answers / "generations.jsonl")
+    assert len(records) == data["n_prompts"] > 0
+    multi = [r for r in records if len(r.source.get("messages", [])) > 1]
+    assert multi, "the held-out set has multi-turn prompts"
+    for record in multi:
+        assert record.source["messages"][-1] == {"role": "user", "content": record.turns[0]}
+        assert len(record.answers[0]) == 1  # one answer: to the last user turn, after the data's own turns
