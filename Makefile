@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/selpo run configs/demo.yaml
 
-test: $(STAMP)
+# The vLLM tests run for real (they fail, never skip, without .venv-vllm): make test builds it first.
+test: $(STAMP) vllm-env
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -13,6 +13,7 @@ backends that generate the same tokens write the same text.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -24,6 +25,9 @@ Conversation = list[dict[str, str]]
 
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the one-line message says what to do."""
+
+
+log = logging.getLogger("selpo.generate")
 
 
 @dataclass(frozen=True)
@@ -109,16 +113,25 @@ def merge_eos_ids(eos: Any, tokenizer: Any, where: str) -> list[int]:
 
 def encode_conversation(tokenizer: Any, conversation: Conversation, prompt_template: str = "chat") -> list[int]:
     """Prompt ids of a conversation ending with a user turn, as every backend feeds them to the model: rendered
-    as training rendered the prompts (`prompt_template`, the data stage's raw or chat; tokenization.py)."""
+    as training rendered the prompts (`prompt_template`, the data stage's raw or chat; tokenization.py).
+
+    Raw text has no rendering for a conversation of several turns (MT-Bench's turn 2, a multi-turn prompt):
+    those go through the chat template, with a warning, since the model never saw anything else for them.
+    """
     from selpo_core.tokenization import render_prompt
 
-    if prompt_template != "raw":
-        return render_prompt(conversation, tokenizer, "chat")
-    if len(conversation) != 1 or conversation[0]["role"] != "user":
-        raise BackendUnavailable("the policy was trained on raw-text prompts (data.prompt_template raw, or auto with "
-                                 "string prompts), which have no rendering for a multi-turn conversation; train "
-                                 "with data.prompt_template=chat to answer multi-turn prompts (MT-Bench)")
-    return render_prompt(conversation[0]["content"], tokenizer, "raw")
+    single = len(conversation) == 1 and conversation[0]["role"] == "user"
+    if prompt_template == "raw" and single:
+        return render_prompt(conversation[0]["content"], tokenizer, "raw")
+    if prompt_template == "raw" and not _WARNED:
+        _WARNED.append(True)
+        log.warning("the model was trained on raw-text prompts (data.prompt_template raw, or auto with string "
+                    "prompts); a multi-turn conversation has no raw rendering, so it goes through the chat template "
+                    "(train with data.prompt_template=chat to match)")
+    return render_prompt(conversation, tokenizer, "chat")
+
+
+_WARNED: list[bool] = []
 
 
 __all__ = [

@@ -212,7 +212,9 @@ def _plan(pairs: Sequence[TokenizedPair], cfg: ScoreConfig, dtype: torch.dtype) 
                 _feed(digest, array.tobytes())
         keys = _keys_digest([r.example_id for r in chunk], [r.side for r in chunk])
         shard = _Shard(index, chunk, digest.hexdigest()[:32], keys)
-        padded = sum(len(b) * max(chunk[i].total for i in b) for b in _batches(shard, cfg.batch_tokens))
+        # vLLM scores every sequence on its own (paged attention): nothing is padded.
+        padded = sum(r.total for r in chunk) if cfg.backend == "vllm" else \
+            sum(len(b) * max(chunk[i].total for i in b) for b in _batches(shard, cfg.batch_tokens))
         shards.append(dataclasses.replace(shard, padded_tokens=padded))
     plan_digest = hashlib.sha256("|".join(s.digest for s in shards).encode()).hexdigest()[:32]
     return [dataclasses.replace(s, shards_total=len(shards), plan_digest=plan_digest) for s in shards]
