@@ -193,7 +193,7 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
     method = kind.removeprefix("selpo-").removesuffix("-fast")
     if method == "sepo":
         rows = list(scoring.iter_rows(table))
-        select_rows(SelectConfig(), rows)
+        select_rows(SelectConfig(), rows, special_token_ids=())
         extras["selected"] = {(row["example_id"], row["side"]): row for row in rows}
     else:
         extras["ref"] = scoring.scores_to_pair_lookup(table)

@@ -254,6 +254,10 @@ class SelectConfig:
     """Fraction of chosen-response tokens kept (highest reward)."""
     k_rejected: float = 0.3
     """Fraction of rejected-response tokens kept (lowest reward)."""
+    exclude_special_tokens: bool = True
+    """Never select the policy tokenizer's special tokens (EOS, BOS, pad, unk, chat-template markers); fractions
+    then count the selectable tokens only. Off: EOS competes like any token (bottom-k on rejected responses
+    picks it about twice as often as top-k on chosen, which teaches the policy not to stop)."""
 
     def __post_init__(self) -> None:
         _choice("select", "rule", self.rule, ("topk", "global"))

@@ -338,7 +338,8 @@ def select_tokens(cfg: RunConfig, data_dir: Path, scores_dir: Path, policy_init_
         policy_pairs = tokenized_pairs(cfg, data_dir, policy_tokenizer)
         truth_dir = data_dir if (data_dir / "task.json").is_file() else None
         out.metrics.update(selection_stage.write_selection(
-            cfg.select, scores_dir / "scores", policy_pairs, out.work_dir, truth_dir=truth_dir
+            cfg.select, scores_dir / "scores", policy_pairs, out.work_dir,
+            special_token_ids=selection_stage.special_token_ids(policy_tokenizer), truth_dir=truth_dir,
         ))
         save_config(cfg.select, out.work_dir / "config.yaml")
 
