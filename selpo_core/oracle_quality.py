@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -111,14 +111,37 @@ def precision_at_key_rate(chosen_rewards: Sequence[float], chosen_labels: Sequen
     return out
 
 
-def score_truth_metrics(rows: Sequence[dict], labels: Sequence[Sequence[int]]) -> dict[str, float]:
-    """The score stage's truth metrics from scored rows (`side`, `rewards`) and each row's key labels
-    (+1 / -1 / 0 per token, `synthetic.GroundTruth.key_labels`): token AUROC (pooled, +, -) and precision at
-    the key rate."""
-    flat: dict[str, tuple[list[float], list[int]]] = {"chosen": ([], []), "rejected": ([], [])}
+def score_truth_metrics(rows: Sequence[dict], labels: Sequence[Sequence[int]],
+                        special_token_ids: Collection[int]) -> dict[str, float]:
+    """The score stage's truth metrics from scored rows (`side`, `token_ids`, `rewards`) and each row's key
+    labels (+1 / -1 / 0 per token, `synthetic.GroundTruth.key_labels`).
+
+    - token_auroc{,_positive,_negative}: over every response token, EOS included (the historical number);
+    - token_auroc_no_special{,_positive,_negative}: the same without `special_token_ids` (EOS...), i.e. over
+      the tokens the default selection ranks. Report both: EOS is a filler here, and an oracle that pushes
+      EOS down in rejected responses (it does, more so at higher oracle beta) looks worse on the first;
+    - precision_at_key_rate{,_chosen,_rejected} and key_rate: over the non-special tokens.
+    """
+    special = np.fromiter(special_token_ids, dtype=np.int64)
+    flat = {key: ([], []) for key in ("chosen", "rejected", "chosen_text", "rejected_text")}
     for row, row_labels in zip(rows, labels, strict=True):
-        rewards, side_labels = flat[row["side"]]
-        rewards.extend(row["rewards"])
-        side_labels.extend(row_labels)
-    return {**token_auroc(*flat["chosen"], *flat["rejected"]),
-            **precision_at_key_rate(*flat["chosen"], *flat["rejected"])}
+        rewards = np.asarray(row["rewards"], dtype=np.float64)
+        side_labels = np.asarray(row_labels, dtype=np.int64)
+        if rewards.shape != side_labels.shape:
+            raise ValueError(f"example {row.get('example_id')} ({row['side']}): {rewards.size} rewards but "
+                             f"{side_labels.size} labels")
+        text = ~np.isin(np.asarray(row["token_ids"], dtype=np.int64), special)
+        for key, keep in ((row["side"], slice(None)), (f"{row['side']}_text", text)):
+            flat[key][0].append(rewards[keep])
+            flat[key][1].append(side_labels[keep])
+
+    def joined(key: str) -> tuple[np.ndarray, np.ndarray]:
+        values, side_labels = flat[key]
+        return (np.concatenate(values) if values else np.zeros(0),
+                np.concatenate(side_labels) if side_labels else np.zeros(0, dtype=np.int64))
+
+    everything = token_auroc(*joined("chosen"), *joined("rejected"))
+    text_only = token_auroc(*joined("chosen_text"), *joined("rejected_text"))
+    return {**everything,
+            **{name.replace("token_auroc", "token_auroc_no_special"): value for name, value in text_only.items()},
+            **precision_at_key_rate(*joined("chosen_text"), *joined("rejected_text"))}

@@ -122,7 +122,7 @@ def write_selection(cfg: SelectConfig, scores_dir: Path, policy_pairs: Sequence[
 
     `special_token_ids`: `special_token_ids(policy_tokenizer)` (the ids of the policy tokenizer, on whose
     tokens the selection is made). `truth_dir`: the synthetic task directory, for the truth metrics
-    (selection precision, key recall, precision at the key rate); None for user data.
+    (`selection_truth_metrics`); None for user data.
     """
     from selpo_core.heatmap import write_heatmap
     from selpo_core.scoring import read_scores, scores_to_pair_lookup
@@ -132,7 +132,7 @@ def write_selection(cfg: SelectConfig, scores_dir: Path, policy_pairs: Sequence[
     pq.write_table(pa.Table.from_pylist(rows, schema=SELECTION_SCHEMA), out_dir / "selection.parquet")
     if truth_dir is not None:
         labels = _truth_labels(rows, truth_dir)
-        metrics.update(selection_truth_metrics(rows, labels))
+        metrics.update(selection_truth_metrics(rows, labels, special_token_ids))
         for row, row_labels in zip(rows, labels):  # heatmap tooltips show the true token reward
             row["true_rewards"] = [float(label) for label in row_labels]
     write_heatmap(rows, out_dir / "token_heatmap.html", title="selpo token rewards (selected tokens boxed)")
@@ -146,21 +146,21 @@ def _truth_labels(rows: list[dict], truth_dir: Path) -> list[list[int]]:
     return [truth.key_labels(list(zip(row["offset_start"], row["offset_end"])), row["text"]) for row in rows]
 
 
-def selection_truth_metrics(rows: list[dict], labels: Sequence[Sequence[int]]) -> dict[str, float]:
-    """Selection precision, key-token recall and precision at the key rate (see `oracle_quality`) of rows with
-    `side`, `rewards` and `selected`, given each row's true key labels (+1 / -1 / 0 per token)."""
+def selection_truth_metrics(rows: list[dict], labels: Sequence[Sequence[int]],
+                            special_token_ids: Collection[int]) -> dict[str, float]:
+    """Truth metrics on the POLICY's tokens (after any cross-tokenizer transfer) of rows with `side`,
+    `token_ids`, `rewards` and `selected`, given each row's key labels (+1 / -1 / 0 per token): selection
+    precision, key-token recall, and `oracle_quality.score_truth_metrics` (token AUROC with and without special
+    tokens, precision at the key rate)."""
     from selpo_core import oracle_quality
 
-    flat: dict[str, tuple[list[bool], list[float], list[int]]] = {"chosen": ([], [], []), "rejected": ([], [], [])}
+    flat: dict[str, tuple[list[bool], list[int]]] = {"chosen": ([], []), "rejected": ([], [])}
     for row, row_labels in zip(rows, labels, strict=True):
-        selected, rewards, side_labels = flat[row["side"]]
+        selected, side_labels = flat[row["side"]]
         selected.extend(row["selected"])
-        rewards.extend(row["rewards"])
         side_labels.extend(row_labels)
-    (chosen_sel, chosen_rewards, chosen_labels) = flat["chosen"]
-    (rejected_sel, rejected_rewards, rejected_labels) = flat["rejected"]
     return {
-        **oracle_quality.selection_precision(chosen_sel, chosen_labels, rejected_sel, rejected_labels),
-        **oracle_quality.key_recall(chosen_sel, chosen_labels, rejected_sel, rejected_labels),
-        **oracle_quality.precision_at_key_rate(chosen_rewards, chosen_labels, rejected_rewards, rejected_labels),
+        **oracle_quality.selection_precision(*flat["chosen"], *flat["rejected"]),
+        **oracle_quality.key_recall(*flat["chosen"], *flat["rejected"]),
+        **oracle_quality.score_truth_metrics(rows, labels, special_token_ids),
     }

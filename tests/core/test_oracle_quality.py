@@ -58,10 +58,17 @@ def test_precision_is_capped_by_the_key_rate_and_recall_is_not() -> None:
     assert precision_at_key_rate(rewards, labels, [], [])["precision_at_key_rate"] == 1.0
 
 
-def test_score_truth_metrics_pools_rows_by_side() -> None:
-    rows = [{"side": "chosen", "rewards": [2.0, 0.0]}, {"side": "rejected", "rewards": [-1.0, 0.5]},
-            {"side": "chosen", "rewards": [1.0]}]
-    out = score_truth_metrics(rows, [[1, 0], [-1, 0], [1]])
-    assert out["token_auroc"] == 1.0 and out["precision_at_key_rate"] == 1.0
-    with pytest.raises(ValueError):
-        score_truth_metrics(rows, [[1, 0]])
+def test_score_truth_metrics_pools_rows_by_side_and_reports_both_aurocs() -> None:
+    eos = 3
+    rows = [{"side": "chosen", "token_ids": [10, 11, eos], "rewards": [2.0, 0.0, -1.0]},
+            {"side": "rejected", "token_ids": [12, 13, eos], "rewards": [-1.0, 0.5, -4.0]},
+            {"side": "chosen", "token_ids": [14], "rewards": [1.0]}]
+    labels = [[1, 0, 0], [-1, 0, 0], [1]]
+    out = score_truth_metrics(rows, labels, special_token_ids={eos})
+    # With EOS (a filler by label) the rejected EOS (-4.0) outranks the negative key (-1.0): AUROC 1/2 there.
+    assert out["token_auroc_negative"] == 0.5 and out["token_auroc_positive"] == 1.0
+    assert out["token_auroc_no_special_negative"] == 1.0 and out["token_auroc_no_special"] == 1.0
+    # Precision at the key rate ranks the non-special tokens: the key is the lowest once EOS is out.
+    assert out["precision_at_key_rate"] == 1.0 and out["key_rate"] == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="labels"):
+        score_truth_metrics(rows, [[1, 0], [-1, 0, 0], [1]], special_token_ids={eos})

@@ -84,12 +84,17 @@ def test_config_field_default_and_override() -> None:
 
 
 def test_selection_truth_metrics_recall_and_precision() -> None:
-    rows = [dict(row("chosen", [20, 21, 22, 23], [2.0, 0.0, 1.0, -1.0]), selected=[True, False, False, False]),
+    rows = [dict(row("chosen", [20, 21, 22, 23, EOS], [2.0, 0.0, 1.0, -1.0, 5.0]),
+                 selected=[True, False, False, False, False]),
             dict(row("rejected", [30, 31, 32], [0.0, -2.0, -1.0]), selected=[False, True, False])]
-    labels = [[1, 0, 1, -1], [0, -1, -1]]
-    metrics = selection_truth_metrics(rows, labels)
+    labels = [[1, 0, 1, -1, 0], [0, -1, -1]]
+    metrics = selection_truth_metrics(rows, labels, special_token_ids={EOS})
     # Chosen keeps 1 of its 2 positive keys, rejected 1 of its 2 negative keys.
     assert metrics["key_recall_chosen"] == 0.5 and metrics["key_recall_rejected"] == 0.5
     assert metrics["key_recall"] == 0.5 and metrics["selection_precision"] == 1.0
-    # Ranking: chosen's top 2 rewards (2.0, 1.0) are both keys; rejected's bottom 2 (-2.0, -1.0) too.
+    # Ranking without EOS: chosen's top 2 rewards (2.0, 1.0) are both keys; rejected's bottom 2 too.
     assert metrics["precision_at_key_rate"] == 1.0 and metrics["key_rate"] == pytest.approx(4 / 7)
+    # With EOS (reward 5.0, a filler by label) the chosen AUROC drops: 2 keys x 2 fillers, 2 of 4 pairs lost
+    # (the negative key in a chosen response is left out of the chosen AUROC).
+    assert metrics["token_auroc_positive"] == 0.5
+    assert metrics["token_auroc_no_special_positive"] == 1.0
