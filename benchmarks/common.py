@@ -1,7 +1,7 @@
 """Small helpers shared by the quality benchmarks.
 
-Run a pipeline config with overrides through `selpo_core.stages` (every stage is cached by its config section and
-inputs, so runs that share a prefix, e.g. the same SFT reference, reuse it when they share `runs_dir`/`name`),
+Run a pipeline config with overrides through `selpo_core.stages` (every stage is cached by its key: the config it
+reads and its inputs, so runs that share a prefix, e.g. the same SFT reference, reuse it when they share `runs_dir`),
 loop over seeds, summarise with mean / std / min / max, and write JSON with the machine it ran on.
 """
 
@@ -27,9 +27,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from selpo_core import stages  # noqa: E402
-from selpo_core.artifacts import atomic_write_json, code_version, is_complete, read_manifest  # noqa: E402
+from selpo_core.artifacts import atomic_write_json, code_version, read_manifest  # noqa: E402
 from selpo_core.config import RunConfig, load_run_config  # noqa: E402
+from selpo_core.report import input_dir  # noqa: E402
+from selpo_core.stages import graph as stage_graph  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_RUNS_DIR = "runs/bench"
@@ -111,27 +112,20 @@ def run_upto(cfg: RunConfig, stage: str, method: str = "sepo") -> StageResult:
 
     Unless --verbose, the stages' progress bars and warnings (stderr) go to <runs_dir>/bench.log.
     """
-    try:
-        cached = is_complete(stages.planned_dir(stages.run_upto, cfg, stage, method))
-    except (OSError, ValueError, KeyError):
-        cached = False
+    graph = stage_graph.plan_graph(cfg, methods=dict.fromkeys([*cfg.policy.methods, method]))
+    cached = graph.is_complete(stage_graph.STAGE_NODES[stage].format(method=method))
     started = time.perf_counter()
     if _VERBOSE:
-        path = Path(stages.run_upto(cfg, stage, method))
+        path = Path(stage_graph.run_upto(cfg, stage, method))
     else:
         Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(cfg.runs_dir) / "bench.log", "a") as log_file, contextlib.redirect_stderr(log_file):
-            path = Path(stages.run_upto(cfg, stage, method))
+            path = Path(stage_graph.run_upto(cfg, stage, method))
     return StageResult(path=path, cached=cached, seconds=time.perf_counter() - started)
 
 
 def manifest_metrics(stage_dir: str | Path) -> dict[str, Any]:
     return read_manifest(stage_dir).get("metrics", {})
-
-
-def input_dir(stage_dir: str | Path, name: str) -> Path:
-    """The directory a stage read as input `name` (e.g. a select stage's `scores`), from its manifest."""
-    return Path(read_manifest(stage_dir)["inputs"][name]["path"])
 
 
 def answer_stats(evaluate_dir: str | Path, which: str = "generations") -> dict[str, float | None]:

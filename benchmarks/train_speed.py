@@ -172,10 +172,10 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
     import torch
 
     from selpo_core import data, scoring
-    from selpo_core.config import ScoreConfig, SelectConfig, TrainConfig
-    from selpo_core.objectives import MethodParams, make_preference_step
+    from selpo_core.config import PolicyConfig, ScoreConfig, SelectConfig, TrainConfig
+    from selpo_core.objectives import make_preference_step
     from selpo_core.selection_stage import select_rows
-    from selpo_core.stages import _pair_extras
+    from selpo_core.stages.training import _pair_extras
     from selpo_core.train import train
 
     size = pc.MODEL_SIZES[settings["size"]]
@@ -209,7 +209,7 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
     steps = settings["warmup"] + settings["steps"] + 1  # the last step has no next collation to end its timing
     cfg = TrainConfig(max_steps=steps, batch_size=settings["batch_pairs"], lr=5e-4, warmup_steps=0,
                       precision="bf16", save_every=0, log_every=steps, report_to="none", seed=0)
-    step_fn = make_preference_step(MethodParams(method=method), None)
+    step_fn = make_preference_step(method, PolicyConfig(), None)
     if kind.endswith("-fast"):
         _skip_single_chunk_checkpoint()
         if method == "sepo":

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deployments.cli import apply_env_defaults, parse_sets
+from deployments.settings import apply_env_defaults, parse_sets
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

@@ -1,8 +1,9 @@
 """The whole pipeline as Prefect flows: `sepo_pipeline` and `compare_methods`.
 
 sft? -> oracle -> score -> select -> generate[reference] -> (train policy -> generate -> evaluate) per method,
-then summary.json and the results artifacts. Every stage is a cached task (tasks/), so a re-run, a UI "Retry"
-or a new run with the same config skips finished stages and resumes at the first one that is not.
+then summary.json and the results artifacts. The stages and their order come from the one stage graph
+(selpo_core.stages.graph); every stage is a cached task run, so a re-run, a UI "Retry" or a new run with the
+same config skips finished stages and resumes at the first one that is not.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.graph import StageGraph
-from tasks import write_summary
-from tasks.common import resolve_config
-from tasks.report import format_table
+from selpo_core.stages.graph import plan_graph, run_graph
+from tasks.report import format_table, write_summary
+from tasks.stage import prefect_run, resolve_config, run_config
 
 
 def flow_run_label() -> str:
@@ -28,15 +28,12 @@ def flow_run_label() -> str:
 
 
 def run_all(config: dict[str, Any], title: str) -> dict[str, Any]:
-    """Run (or reuse) every stage in run_pipeline's order, then write summary.json and publish artifacts."""
-    graph = StageGraph(config)
-    # Touch the stages in the plain pipeline's order, so "the stages after the failed one" means the same
-    # thing here as in selpo_core.stages.run_pipeline.
-    for stage in ("task_dir", "data_dir", "reference_dir", "policy_init_dir", "oracle_dir", "scores_dir",
-                  "selection_dir", "reference_generations_dir"):
-        getattr(graph, stage)
-    evaluations = {method: graph.evaluation_dir(method) for method in config["policy"]["methods"]}
-    summary = write_summary(config, graph.scores_dir, graph.selection_dir, evaluations, graph.records, title=title)
+    """Run (or reuse) every stage of the pipeline, then write summary.json and publish the artifacts."""
+    graph = plan_graph(run_config(config))
+    records: dict[str, dict[str, Any]] = {}
+    dirs = run_graph(graph, graph.pipeline_targets(), prefect_run(config, records))
+    evaluations = {method: str(dirs[f"evaluate_{method}"]) for method in graph.methods}
+    summary = write_summary(config, str(dirs["score"]), str(dirs["select"]), evaluations, records, title=title)
     get_run_logger().info("%s: %s\n%s", title, Path(config["runs_dir"]) / config["name"], format_table(summary))
     return summary
 
@@ -44,12 +41,12 @@ def run_all(config: dict[str, Any], title: str) -> dict[str, Any]:
 @flow(name="sepo-pipeline", flow_run_name=flow_run_label)
 def sepo_pipeline(config_path: str | None = None, overrides: dict[str, Any] | None = None,
                   run_name: str | None = None) -> dict[str, Any]:
-    """The whole selpo pipeline for one config; returns the summary (also in runs/<run>/summary.json).
+    """The whole selpo pipeline for one config; returns the summary (also in runs/RUN/summary.json).
 
     Args:
         config_path: run config YAML (relative to the working directory); empty: the built-in synthetic demo.
         overrides: config fields to change, e.g. {"policy.beta": 0.2, "policy.methods": ["sepo", "dpo"]}.
-        run_name: artifacts go to <runs_dir>/<run_name>/ (default: the config's `name`).
+        run_name: the run's name (default: the config's `name`); its results go to runs_dir/run_name.
     """
     return run_all(resolve_config(config_path, overrides, run_name), title="sepo pipeline")
 

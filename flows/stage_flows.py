@@ -1,8 +1,9 @@
 """One flow per stage, for users who bring their own artifacts or want one step at a time.
 
-Every `*_dir` parameter is optional: given, it is used as is (your own data dir, SFT model, oracle, scores...);
-left empty, that input comes from the run's cache, or is computed first if it never was. Each flow returns
-its stage dir and publishes the stage's metrics, a link to its directory and, for selection, the heatmap.
+Every `*_dir` parameter is optional: given, it is used as is (your own data dir, SFT model, oracle, scores...)
+in place of the stage that would make it; left empty, that input comes from the store, or is computed first if
+it never was. Each flow returns its stage dir and publishes the stage's metrics, a link to its directory and,
+for selection, the heatmap.
 """
 
 from __future__ import annotations
@@ -11,24 +12,33 @@ from typing import Any
 
 from prefect import flow
 
-from flows.graph import StageGraph
 from flows.pipeline import flow_run_label
-from tasks import publish_stage
-from tasks.common import resolve_config
+from selpo_core.config import POLICY_METHODS, ConfigError
+from selpo_core.stages.answers import plan_generate
+from selpo_core.stages.graph import Graph, plan_graph, run_graph
+from selpo_core.stages.plan import external
+from tasks.report import publish_stage
+from tasks.stage import prefect_run, resolve_config, run_config
 
 Overrides = dict[str, Any] | None
 
 
-def _finish(config: dict[str, Any], stage_dir: str) -> str:
+def _run_one(config: dict[str, Any], target: str, graph: Graph) -> str:
+    """Run `target` (and what it needs) and publish its artifacts."""
+    stage_dir = str(run_graph(graph, [target], prefect_run(config, {}))[target])
     publish_stage(config, stage_dir)
     return stage_dir
+
+
+def _graph(config: dict[str, Any], methods: list[str] | None = None, **given: str | None) -> Graph:
+    return plan_graph(run_config(config), methods=methods, given=given)
 
 
 @flow(name="stage-data", flow_run_name=flow_run_label)
 def data_flow(config_path: str | None = None, overrides: Overrides = None, run_name: str | None = None) -> str:
     """Validate and split the preference data (making the synthetic task first when data.path is empty)."""
     config = resolve_config(config_path, overrides, run_name)
-    return _finish(config, StageGraph(config).data_dir)
+    return _run_one(config, "data", _graph(config))
 
 
 @flow(name="stage-sft", flow_run_name=flow_run_label)
@@ -36,8 +46,9 @@ def sft_flow(config_path: str | None = None, overrides: Overrides = None, data_d
              which: str = "reference", run_name: str | None = None) -> str:
     """SFT of the reference (which="reference") or of a separate policy model (which="policy_model")."""
     config = resolve_config(config_path, overrides, run_name)
-    graph = StageGraph(config, given={"data_dir": data_dir})
-    return _finish(config, graph.reference_dir if which == "reference" else graph.policy_init_dir)
+    graph = _graph(config, data=data_dir)
+    target = "sft_policy_model" if which == "policy_model" and "sft_policy_model" in graph.plans else "sft_reference"
+    return _run_one(config, target, graph)
 
 
 @flow(name="stage-train-oracle", flow_run_name=flow_run_label)
@@ -45,8 +56,7 @@ def oracle_flow(config_path: str | None = None, overrides: Overrides = None, dat
                 reference_dir: str | None = None, run_name: str | None = None) -> str:
     """Train the oracle (DPO from the reference on a subset of the pairs)."""
     config = resolve_config(config_path, overrides, run_name)
-    graph = StageGraph(config, given={"data_dir": data_dir, "reference_dir": reference_dir})
-    return _finish(config, graph.oracle_dir)
+    return _run_one(config, "oracle", _graph(config, data=data_dir, sft_reference=reference_dir))
 
 
 @flow(name="stage-score-tokens", flow_run_name=flow_run_label)
@@ -54,8 +64,7 @@ def score_flow(config_path: str | None = None, overrides: Overrides = None, orac
                reference_dir: str | None = None, data_dir: str | None = None, run_name: str | None = None) -> str:
     """Score every response token with oracle vs reference log-probs."""
     config = resolve_config(config_path, overrides, run_name)
-    graph = StageGraph(config, given={"data_dir": data_dir, "reference_dir": reference_dir, "oracle_dir": oracle_dir})
-    return _finish(config, graph.scores_dir)
+    return _run_one(config, "score", _graph(config, data=data_dir, sft_reference=reference_dir, oracle=oracle_dir))
 
 
 @flow(name="stage-select-tokens", flow_run_name=flow_run_label)
@@ -63,9 +72,7 @@ def select_flow(config_path: str | None = None, overrides: Overrides = None, sco
                 policy_init_dir: str | None = None, data_dir: str | None = None, run_name: str | None = None) -> str:
     """Select the key tokens from stored scores; publishes the token heatmap."""
     config = resolve_config(config_path, overrides, run_name)
-    graph = StageGraph(config, given={"data_dir": data_dir, "scores_dir": scores_dir,
-                                      "policy_init_dir": policy_init_dir})
-    return _finish(config, graph.selection_dir)
+    return _run_one(config, "select", _graph(config, data=data_dir, score=scores_dir, policy_init=policy_init_dir))
 
 
 @flow(name="stage-train-policy", flow_run_name=flow_run_label)
@@ -78,9 +85,9 @@ def policy_flow(config_path: str | None = None, overrides: Overrides = None, met
     oracle's reference, used only if the scores must still be computed.
     """
     config = resolve_config(config_path, overrides, run_name)
-    graph = StageGraph(config, given={"data_dir": data_dir, "reference_dir": reference_dir, "scores_dir": scores_dir,
-                                      "selection_dir": selection_dir, "policy_init_dir": policy_init_dir})
-    return _finish(config, graph.policy_dir(method))
+    graph = _graph(config, [method], data=data_dir, sft_reference=reference_dir, score=scores_dir,
+                   select=selection_dir, policy_init=policy_init_dir)
+    return _run_one(config, f"policy_{method}", graph)
 
 
 @flow(name="stage-generate", flow_run_name=flow_run_label)
@@ -88,7 +95,17 @@ def generate_flow(config_path: str | None = None, overrides: Overrides = None, l
                   model_dir: str | None = None, data_dir: str | None = None, run_name: str | None = None) -> str:
     """Answer the prompts with `model_dir`, or (empty) with the reference start / the policy of method `label`."""
     config = resolve_config(config_path, overrides, run_name)
-    return _finish(config, StageGraph(config, given={"data_dir": data_dir}).generations_dir(label, model_dir))
+    if label == "reference":
+        graph = _graph(config, data=data_dir, policy_init=model_dir)
+    elif label in POLICY_METHODS:
+        graph = _graph(config, [label], data=data_dir, **{f"policy_{label}": model_dir})
+    elif model_dir:  # any model, under a label of its own
+        graph = _graph(config, data=data_dir)
+        model = external(model_dir, sub="model")
+        graph.node(f"generate_{label}", lambda: plan_generate(run_config(config), graph.refs["data"], model, label))
+    else:
+        raise ConfigError(f"label={label!r} is not a policy method: give model_dir, the model to answer with")
+    return _run_one(config, f"generate_{label}", graph)
 
 
 @flow(name="stage-evaluate", flow_run_name=flow_run_label)
@@ -98,10 +115,9 @@ def evaluate_flow(config_path: str | None = None, overrides: Overrides = None, m
                   run_name: str | None = None) -> str:
     """Evaluate one method's policy and answers against the reference's answers."""
     config = resolve_config(config_path, overrides, run_name)
-    graph = StageGraph(config, given={"data_dir": data_dir, f"policy_dir[{method}]": model_dir,
-                                      f"generations_dir[{method}]": generations_dir,
-                                      "reference_generations_dir": reference_generations_dir})
-    return _finish(config, graph.evaluation_dir(method))
+    graph = _graph(config, [method], data=data_dir, generate_reference=reference_generations_dir,
+                   **{f"policy_{method}": model_dir, f"generate_{method}": generations_dir})
+    return _run_one(config, f"evaluate_{method}", graph)
 
 
 # `selpo stage NAME`: the stage names of `python -m selpo_core.stages`.

@@ -1,11 +1,11 @@
-"""On-disk artifacts: stage directories, manifests, fingerprints, atomic writes.
+"""On-disk artifacts: stage directories, checksummed manifests, fingerprints, atomic writes.
 
-Every stage writes into `<run_dir>/<stage>-<key>.tmp-<pid>/` and renames it to `<run_dir>/<stage>-<key>/` only
-after its `manifest.json` is written, so a crash never leaves a directory that looks finished. The key is a
-fingerprint of (stage config, input fingerprints, code version): equal inputs give the same directory, so a
-re-run finds the finished stage, and a changed field gives a new directory without touching the old one.
-Long stages that must resume inside (training checkpoints, scoring shards) keep their partial state in
-`<run_dir>/<stage>-<key>.partial/`, which survives a crash and is moved into the final directory at the end.
+A stage writes into `<stage>-<key>.tmp-<host>-<pid>-<random>/` and renames it to `<stage>-<key>/` only after
+its `manifest.json` is written, so a crash never leaves a directory that looks finished. The manifest lists
+every file with its size and sha256 and carries a checksum of itself: a finished directory is trusted only
+after `verify_stage` has checked all of it (once per process; a damaged one is recomputed by the runner).
+Long stages that resume inside (training checkpoints, scoring shards) keep their partial state in
+`<stage>-<key>.partial/`, which survives a crash and is removed once the stage is published.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
+import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +27,10 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+TMP_MARK = ".tmp-"
+PARTIAL_SUFFIX = ".partial"
+
+log = logging.getLogger("selpo.artifacts")
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,8 +42,8 @@ def code_version() -> str:
     """
     root = Path(__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(root.glob("*.py")):
-        digest.update(path.name.encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     from selpo_core import __version__
 
@@ -57,59 +64,114 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(path: str | Path) -> str:
-    """Content fingerprint of an input: a stage dir's manifest fingerprint, a file's hash, or a hub id as is.
+def unique_suffix() -> str:
+    """A temp-name suffix no other process can produce: host, pid and a random part (pids repeat across
+    containers and hosts that share a runs directory)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
-    Stage directories carry their fingerprint in manifest.json (computed once at write time), so hashing a
-    multi-GB model directory happens once, not at every cache lookup.
-    """
-    target = Path(path)
-    manifest = target / MANIFEST
-    if manifest.is_file():
-        return json.loads(manifest.read_text())["fingerprint"]
-    if target.is_file():
-        return file_digest(target)[:16]
-    if target.is_dir():
-        return directory_digest(target)
-    return f"id:{path}"  # a hub id: its revision is pinned by the hub, not by us
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+# (absolute path, (relative name, size, mtime_ns) of every file) -> digest: a user's model directory is hashed
+# in full once per process, and again only when one of its files changes.
+_DIGESTS: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
 
 
 def directory_digest(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(directory)).encode())
-        digest.update(file_digest(file).encode())
-    return digest.hexdigest()[:16]
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    stats = tuple((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    cache_key = (str(directory.resolve()), stats)
+    if cache_key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(str(file.relative_to(directory)).encode())
+            digest.update(file_digest(file).encode())
+        _DIGESTS[cache_key] = digest.hexdigest()[:16]
+    return _DIGESTS[cache_key]
 
 
-def stage_key(stage: str, config: Any, inputs: dict[str, str | Path]) -> str:
-    """Cache key of a stage run: its config, its inputs' fingerprints, and the code version."""
-    return stable_hash(
-        {
-            "stage": stage,
-            "config": config,
-            "inputs": {name: fingerprint(path) for name, path in sorted(inputs.items())},
-            "code": code_version(),
-        }
-    )
+def external_fingerprint(path: str | Path) -> str:
+    """Content fingerprint of a user's input: a selpo stage dir's key, a file's or directory's content hash, or
+    a hub id as it is (its revision is pinned by the hub, not by us). Never the path itself, so a moved or
+    copied input keeps its fingerprint."""
+    target = Path(path).expanduser()
+    if (target / MANIFEST).is_file():
+        return read_manifest(target)["key"]
+    if target.is_file():
+        stat = target.stat()
+        cache_key = (str(target.resolve()), (("", stat.st_size, stat.st_mtime_ns),))
+        if cache_key not in _DIGESTS:
+            _DIGESTS[cache_key] = file_digest(target)[:16]
+        return _DIGESTS[cache_key]
+    if target.is_dir():
+        return directory_digest(target)
+    return f"id:{path}"
 
 
-def is_complete(stage_dir: str | Path) -> bool:
-    """True when the directory was renamed into place after its manifest, and every listed file exists."""
-    directory = Path(stage_dir)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        return False
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return all((directory / name).is_file() and (directory / name).stat().st_size == size
-               for name, size in manifest.get("files", {}).items())
+# ------------------------------------------------------------------------------------------------ manifests
 
 
 def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(stage_dir) / MANIFEST).read_text())
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    return stable_hash({k: v for k, v in manifest.items() if k != "checksum"}, 64)
+
+
+# Stage dirs verified in this process: path -> the (size, mtime_ns) of the manifest and of every file when they
+# were hashed. A later check only stats the files: hashing happens once per process unless something changed.
+_VERIFIED: dict[str, dict[str, tuple[int, int]]] = {}
+
+
+def _stats(directory: Path, names: list[str]) -> dict[str, tuple[int, int]] | None:
+    stats = {}
+    for name in names:
+        try:
+            stat = (directory / name).stat()
+        except OSError:
+            return None
+        stats[name] = (stat.st_size, stat.st_mtime_ns)
+    return stats
+
+
+def verify_stage(stage_dir: str | Path) -> str | None:
+    """None when `stage_dir` is a published stage whose manifest and files all check out; else what is wrong.
+
+    Checks the manifest's own checksum (an edited manifest is not trusted), then every listed file's size and
+    sha256. The result is remembered per process, so a stage read many times in a run is hashed once.
+    """
+    directory = Path(stage_dir)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (not finished)"
+    memo = str(directory.resolve())
+    known = _VERIFIED.get(memo)
+    if known is not None and _stats(directory, list(known)) == known:
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "manifest.json is not valid JSON"
+    if manifest.get("checksum") != _manifest_checksum(manifest):
+        return "manifest.json was changed after it was written (its checksum does not match)"
+    for name, entry in manifest.get("files", {}).items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['size']}"
+        if file_digest(file) != entry["sha256"]:
+            return f"{name} does not match its checksum (damaged)"
+    stats = _stats(directory, [MANIFEST, *manifest.get("files", {})])
+    if stats is not None:
+        _VERIFIED[memo] = stats
+    return None
+
+
+def is_complete(stage_dir: str | Path) -> bool:
+    """True when the directory is a published stage and all of it verifies (see `verify_stage`)."""
+    return verify_stage(stage_dir) is None
 
 
 @dataclass
@@ -128,19 +190,16 @@ class StageOutput:
 
 
 @contextmanager
-def stage_output(run_dir: Path, stage: str, key: str, *, inputs: dict[str, str | Path], config: Any,
-                 main_process: bool = True) -> Iterator[StageOutput]:
-    """Write a stage atomically. On success the manifest (inputs, fingerprint, timings, versions) is written
-    and the directory renamed into place; on failure the temporary directory is removed but `partial_dir`
-    (checkpoints, shards) stays for the next attempt to resume from.
+def stage_output(final_dir: Path, *, manifest: dict[str, Any], main_process: bool = True) -> Iterator[StageOutput]:
+    """Write a stage atomically into `final_dir`. On success the manifest (`manifest` + metrics, timings,
+    versions, file checksums) is written and the directory renamed into place; on failure the temporary
+    directory is removed but `partial_dir` (checkpoints, shards) stays for the next attempt to resume from.
 
     Under several processes (torchrun) every rank runs the stage body; only the main process publishes its
     directory, the others write into a private one that is discarded (they share `partial_dir`).
     """
-    final_dir = run_dir / f"{stage}-{key}"
-    work_dir = run_dir / f"{stage}-{key}.tmp-{os.getpid()}"
-    partial_dir = run_dir / f"{stage}-{key}.partial"
-    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir = final_dir.with_name(f"{final_dir.name}{TMP_MARK}{unique_suffix()}")
+    partial_dir = final_dir.with_name(final_dir.name + PARTIAL_SUFFIX)
     work_dir.mkdir(parents=True)
     partial_dir.mkdir(parents=True, exist_ok=True)
     output = StageOutput(final_dir=final_dir, work_dir=work_dir, partial_dir=partial_dir, metrics={})
@@ -153,33 +212,22 @@ def stage_output(run_dir: Path, stage: str, key: str, *, inputs: dict[str, str |
     if not main_process:
         shutil.rmtree(work_dir, ignore_errors=True)
         return
-    write_manifest(output, stage=stage, key=key, inputs=inputs, config=config, seconds=time.time() - started)
-    if final_dir.exists():  # an incomplete leftover (is_complete was False): replace it
+    write_manifest(output, manifest, seconds=time.time() - started)
+    if final_dir.exists():  # a damaged or unfinished leftover (the runner found it not complete): replace it
         shutil.rmtree(final_dir)
     os.replace(work_dir, final_dir)
     shutil.rmtree(partial_dir, ignore_errors=True)
 
 
-def write_manifest(output: StageOutput, *, stage: str, key: str, inputs: dict[str, str | Path], config: Any,
-                   seconds: float) -> None:
-    files = {str(p.relative_to(output.work_dir)): p.stat().st_size
-             for p in sorted(output.work_dir.rglob("*")) if p.is_file()}
+def write_manifest(output: StageOutput, manifest: dict[str, Any], *, seconds: float) -> None:
     from selpo_core import __version__
 
-    manifest = {
-        "stage": stage,
-        "key": key,
-        # The artifact's identity for downstream keys: the key already hashes config, inputs and code.
-        "fingerprint": stable_hash({"key": key, "files": files}, 16),
-        "inputs": {name: {"path": str(path), "fingerprint": fingerprint(path)} for name, path in inputs.items()},
-        "config": config,
-        "metrics": output.metrics,
-        "seconds": round(seconds, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": _versions(__version__),
-        "files": files,
-    }
-    atomic_write_text(output.work_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    files = {str(p.relative_to(output.work_dir)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(output.work_dir.rglob("*")) if p.is_file()}
+    full = {**manifest, "metrics": output.metrics, "seconds": round(seconds, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(__version__), "files": files}
+    full["checksum"] = _manifest_checksum(json.loads(json.dumps(full, default=str)))
+    atomic_write_text(output.work_dir / MANIFEST, json.dumps(full, indent=2, default=str))
 
 
 def _versions(selpo_version: str) -> dict[str, str]:
@@ -195,7 +243,7 @@ def _versions(selpo_version: str) -> dict[str, str]:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so a reader never sees half of it: temp file in the same dir, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{unique_suffix()}")
     with open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()

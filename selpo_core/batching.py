@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # data.py re-exports this module's functions, so import its types lazily (no cycle)
-    from selpo_core.data import TokenizedPair, TokenizedSFT
+from selpo_core.examples import TokenizedPair, TokenizedSFT  # plain types: no import back into data.py
 
 
 def length_bucketed_batches(

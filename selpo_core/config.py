@@ -44,7 +44,6 @@ def _fraction(section: str, name: str, value: float, *, allow_zero: bool = False
 PRECISIONS = ("auto", "bf16", "fp32")
 POLICY_METHODS = ("sepo", "dpo", "ipo", "simpo", "selective_dpo", "tdpo1", "tdpo2", "tso")
 ORACLE_LOSSES = ("dpo", "ipo", "simpo")
-STAGES = ("synthetic", "sft", "oracle", "score", "policy", "generate", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,8 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Preference data in TRL's formats, from a local JSON/JSONL/Parquet file or a hub dataset id."""
+    """Preference data in TRL's formats, from a local JSON/JSONL/Parquet file (also .jsonl.gz / .json.gz) or a
+    hub dataset id. Rows are numbered from 0 in messages (in JSON lines, row N is line N + 1)."""
 
     path: str = ""
     """Local file or hub id. Empty: the synthetic task's pairs."""
@@ -101,12 +101,27 @@ class DataConfig:
     """Split to read from a hub dataset (local files have one split)."""
     format: str = "auto"
     """standard (prompt/chosen/rejected strings), conversational (message lists), implicit (no prompt), auto."""
-    max_length: int = 256
-    """Longest prompt+response in tokens; longer responses are truncated (from the end, EOS dropped)."""
-    max_prompt_length: int = 128
-    """Longest prompt in tokens. A longer prompt is never cut silently: it is an error or a skip (on_bad_row)."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens (EOS included). A pair that fits is never cut."""
+    max_prompt_length: int = 512
+    """How long a prompt may stay when its pair does not fit max_length: a longer one is cut to this first."""
+    truncation_mode: str = "keep_end"
+    """Which part of a too-long prompt is kept: keep_end (the end, the turn being answered; BOS stays) or
+    keep_start (the beginning). Responses are always cut at the end, to the room the prompt leaves."""
+    on_too_long: str = "truncate"
+    """A pair longer than max_length under any of the run's tokenizers: truncate (prompt first, then the
+    responses; counted per tokenizer), skip (drop it for every stage, counted, listed in skipped.jsonl), or
+    error (stop, naming file, row and field)."""
     on_bad_row: str = "error"
-    """error: stop at the first malformed row naming file, row, field. skip: drop and count it."""
+    """A malformed row (invalid JSON or UTF-8, missing or wrong-typed field, empty or identical responses):
+    error (stop at the first, naming file, row and field) or skip (drop and count it). Never covers length:
+    that is on_too_long."""
+    prompt_template: str = "auto"
+    """How prompts become tokens in every stage: auto (string prompts as raw text, conversations through
+    the tokenizer's chat template, as TRL), raw (text as is) or chat (always the chat template)."""
+    sft_path: str = ""
+    """SFT data (TRL SFT formats: prompt/completion, or messages ending with the assistant turn). Empty:
+    prompt + chosen response of the training pairs."""
     heldout_fraction: float = 0.05
     """Fraction of pairs held out of every training stage, for implicit-reward accuracy."""
     seed: int = 0
@@ -114,7 +129,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data", "format", self.format, ("auto", "standard", "conversational", "implicit"))
+        _choice("data", "truncation_mode", self.truncation_mode, ("keep_end", "keep_start"))
+        _choice("data", "on_too_long", self.on_too_long, ("truncate", "skip", "error"))
         _choice("data", "on_bad_row", self.on_bad_row, ("error", "skip"))
+        _choice("data", "prompt_template", self.prompt_template, ("auto", "raw", "chat"))
         _positive("data", "max_length", self.max_length)
         _positive("data", "max_prompt_length", self.max_prompt_length)
         if self.max_prompt_length >= self.max_length:
@@ -166,7 +184,10 @@ class TrainConfig:
     """One training run: optimisation, precision, checkpoints, logging."""
 
     max_steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (ignored when epochs > 0)."""
+    epochs: float = 0.0
+    """Passes over the data; > 0 sets the steps to ceil(epochs * micro-batches per epoch / grad_accum), so the
+    run scales with the data (a fraction is fine). 0 uses max_steps. The resolved count is logged."""
     batch_size: int = 8
     """Pairs (or SFT sequences) per micro-batch per process."""
     grad_accum: int = 1
@@ -184,19 +205,29 @@ class TrainConfig:
     seed: int = 0
     """Seed of data order and dropout."""
     save_every: int = 50
-    """Checkpoint (weights, optimizer, scheduler, RNG, data position) every N steps; 0 only at the end."""
+    """Checkpoint (weights, optimizer, scheduler, RNG, data position, checksums) every N steps; 0 only at the end.
+    A resume continues exactly, so this never changes the trained weights."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk. With 2 or more, a damaged newest checkpoint (truncated, edited) falls
+    back to the one before it; with 1 it means starting over."""
     log_every: int = 10
     """Log metrics every N steps."""
     report_to: str = "tensorboard"
     """tensorboard (offline, under the stage dir), wandb, or none."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every"):
+        for name in ("max_steps", "batch_size", "grad_accum", "lr", "log_every", "keep_checkpoints"):
             _positive("train", name, getattr(self, name))
-        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "save_every"):
+        for name in ("epochs", "warmup_steps", "weight_decay", "max_grad_norm", "save_every"):
             _positive("train", name, getattr(self, name), allow_zero=True)
         _choice("train", "precision", self.precision, PRECISIONS)
         _choice("train", "report_to", self.report_to, ("tensorboard", "wandb", "none"))
+
+
+TRAIN_FIELDS_NOT_IN_KEY = ("save_every", "keep_checkpoints", "log_every", "report_to")
+"""TrainConfig fields that cannot change a training result (weights, metrics aside): checkpoint cadence and
+retention (resume is exact) and logging. A stage's cache key should leave them out (tests/core/test_train.py
+trains twice per field, with only that field changed, and asserts equal weights)."""
 
 
 @dataclass(frozen=True)
@@ -210,13 +241,49 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
-class OracleConfig:
+class LossParams:
+    """Hyper-parameters of every preference loss; the oracle and the policy configs embed them (as fields of their
+    own), the step functions hand them to the losses as they are. A stage's key holds only the fields its loss
+    reads (`objectives.LOSS_FIELDS`)."""
+
+    beta: float = 0.1
+    """DPO-family temperature (dpo, ipo, tdpo1/2, selective_dpo, tso)."""
+    label_smoothing: float = 0.0
+    """cDPO label smoothing for dpo."""
+    sepo_gamma: float = 1.0
+    """SePO scale of the mean selected log-prob (the official code uses 1; the paper searches 2.1-2.5)."""
+    sepo_margin: float = 0.0
+    """SePO margin lambda (official code: 0)."""
+    simpo_beta: float = 2.0
+    """SimPO beta."""
+    simpo_gamma_beta_ratio: float = 0.5
+    """SimPO gamma / beta."""
+    tdpo_alpha: float = 0.5
+    """TDPO2 alpha."""
+    sdpo_quantile: float = 0.6
+    """Selective-DPO per-sequence quantile (0.6 keeps about the top 40%)."""
+    tso_chosen_reward_max: float = 5.0
+    """TSO dual clip: chosen implicit reward is capped above at this value."""
+    tso_rejected_reward_min: float = -5.0
+    """TSO dual clip: rejected implicit reward is floored below at this value."""
+
+    def __post_init__(self) -> None:
+        section = "oracle" if isinstance(self, OracleConfig) else "policy"
+        _positive(section, "beta", self.beta)
+        _positive(section, "simpo_beta", self.simpo_beta)
+        _fraction(section, "sdpo_quantile", self.sdpo_quantile, allow_zero=True)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{section}.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.tso_rejected_reward_min >= self.tso_chosen_reward_max:
+            raise ConfigError(f"{section}.tso_rejected_reward_min must be < {section}.tso_chosen_reward_max")
+
+
+@dataclass(frozen=True)
+class OracleConfig(LossParams):
     """The oracle: DPO (or IPO/SimPO) from the reference on a random subset of the preference data."""
 
     loss: str = "dpo"
-    """dpo, ipo or simpo."""
-    beta: float = 0.1
-    """Loss temperature (SimPO uses its own scale: 2.0 is typical)."""
+    """dpo, ipo or simpo (its hyper-parameters: beta / simpo_beta, simpo_gamma_beta_ratio, label_smoothing)."""
     subset_fraction: float = 0.5
     """Fraction of the training pairs the oracle sees (ignored when subset_count > 0)."""
     subset_count: int = 0
@@ -227,8 +294,8 @@ class OracleConfig:
     """Training settings of the oracle."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _choice("oracle", "loss", self.loss, ORACLE_LOSSES)
-        _positive("oracle", "beta", self.beta)
         _fraction("oracle", "subset_fraction", self.subset_fraction)
         _positive("oracle", "subset_count", self.subset_count, allow_zero=True)
 
@@ -277,39 +344,20 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
+class PolicyConfig(LossParams):
     """Policy training. `methods` lists what the pipeline trains (each from the same scores)."""
 
     methods: tuple[str, ...] = ("sepo", "dpo")
     """Methods to train, each into its own stage directory: sepo, dpo, ipo, simpo, selective_dpo, tdpo1, tdpo2, tso."""
-    beta: float = 0.1
-    """DPO-family temperature (dpo, ipo, tdpo1/2, selective_dpo, tso)."""
-    label_smoothing: float = 0.0
-    """cDPO label smoothing for dpo."""
-    sepo_gamma: float = 1.0
-    """SePO scale of the mean selected log-prob (the official code uses 1; the paper searches 2.1-2.5)."""
-    sepo_margin: float = 0.0
-    """SePO margin lambda (official code: 0)."""
-    simpo_beta: float = 2.0
-    """SimPO beta."""
-    simpo_gamma_beta_ratio: float = 0.5
-    """SimPO gamma / beta."""
-    tdpo_alpha: float = 0.5
-    """TDPO2 alpha."""
-    sdpo_quantile: float = 0.6
-    """Selective-DPO per-sequence quantile (0.6 keeps about the top 40%)."""
     sdpo_reference: str = ""
     """Selective-DPO scorer/anchor model dir or hub id; empty uses the reference (may be larger than the policy)."""
-    tso_chosen_reward_max: float = 5.0
-    """TSO dual clip: chosen implicit reward is capped above at this value."""
-    tso_rejected_reward_min: float = -5.0
-    """TSO dual clip: rejected implicit reward is floored below at this value."""
     ref_logps_from_scores: bool = True
     """dpo/ipo/tso/selective_dpo read the reference log-probs from the scoring Parquet (no reference forward)."""
     train: TrainConfig = TrainConfig(max_steps=120, batch_size=16, lr=5e-4)
     """Training settings of every policy method (equal steps and data for a fair comparison)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.methods, str):  # a single method from YAML or an override
             object.__setattr__(self, "methods", (self.methods,))
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -319,13 +367,6 @@ class PolicyConfig:
             _choice("policy", "methods", method, POLICY_METHODS)
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"policy.methods={list(self.methods)} lists a method twice")
-        _positive("policy", "beta", self.beta)
-        _positive("policy", "simpo_beta", self.simpo_beta)
-        _fraction("policy", "sdpo_quantile", self.sdpo_quantile, allow_zero=True)
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"policy.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.tso_rejected_reward_min >= self.tso_chosen_reward_max:
-            raise ConfigError("policy.tso_rejected_reward_min must be < policy.tso_chosen_reward_max")
 
 
 @dataclass(frozen=True)
@@ -417,8 +458,6 @@ class TSOConfig:
     """Each round's loss: tso (dual-clip DPO); dpo or ipo for ablations of the clip."""
     seed: int = 0
     """Seed of the prompt permutation, candidate sampling and the pair cap."""
-    fail_round: int = 0
-    """Testing aid: fail this round's training (as fail_stage does) to exercise resume. Not part of any key."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "generators", tuple(self.generators))
@@ -427,12 +466,10 @@ class TSOConfig:
         _choice("tso", "loss", self.loss, ROUND_LOSSES)
         for name in ("rounds", "samples_per_model", "pairs_per_prompt"):
             _positive("tso", name, getattr(self, name))
-        for name in ("prompts_per_round", "max_pairs_per_round", "temperature", "fail_round"):
+        for name in ("prompts_per_round", "max_pairs_per_round", "temperature"):
             _positive("tso", name, getattr(self, name), allow_zero=True)
         if self.judge != "truth" and not self.judge_path:
             raise ConfigError(f"tso.judge={self.judge!r} needs tso.judge_path (a reward model or a label file)")
-        if self.fail_round > self.rounds:
-            raise ConfigError(f"tso.fail_round={self.fail_round} must be <= tso.rounds={self.rounds}")
 
 
 @dataclass(frozen=True)
@@ -458,14 +495,11 @@ class RunConfig:
     evaluate: EvaluateConfig = EvaluateConfig()
     tso: TSOConfig = TSOConfig()
     """TSO's iterative self-training loop (flows/tso.py); unused by the SePO pipeline."""
-    fail_stage: str = ""
-    """Testing aid: raise in this stage (after its inputs load) to exercise resume. Not part of any cache key."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name={self.name!r} must be a non-empty name without '/'")
-        if self.fail_stage:
-            _choice("run", "fail_stage", self.fail_stage, STAGES)
+        if not self.name or "/" in self.name or self.name.startswith(("_", ".")):
+            raise ConfigError(f"name={self.name!r} must be a non-empty name without '/' that does not start with "
+                              "'_' or '.' (<runs_dir>/_stages/ holds the stages every run shares)")
 
     @property
     def run_dir(self) -> Path:
@@ -588,17 +622,40 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | dict[
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if isinstance(values, dict):
+            values = _resolve_relative_paths(values, Path(path).resolve().parent)
     if overrides:
         values = _deep_merge(values, parse_overrides(overrides))
     return from_dict(RunConfig, values)
 
 
+PATH_FIELDS = (("data", "path"), ("data", "sft_path"), ("reference", "path"), ("policy_model", "path"),
+               ("policy", "sdpo_reference"), ("generate", "prompts"), ("evaluate", "reward_model"),
+               ("evaluate", "baseline_answers"), ("tso", "judge_path"))
+"""Fields of a config file that name files or model dirs (or hub ids)."""
+
+
+def _resolve_relative_paths(values: dict[str, Any], config_dir: Path) -> dict[str, Any]:
+    """A relative path in a config file means the file's own folder when it exists there (a config next to its
+    models and data works from any directory); otherwise it stays as written (the working directory, or a hub
+    id). Overrides on the command line are not touched: they mean the working directory."""
+    resolved = json.loads(json.dumps(values))
+    for section, name in PATH_FIELDS:
+        node = resolved.get(section)
+        value = node.get(name) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            candidate = config_dir / value
+            if candidate.exists():
+                node[name] = str(candidate)
+    tso = resolved.get("tso")
+    if isinstance(tso, dict) and isinstance(tso.get("generators"), list):
+        tso["generators"] = [str(config_dir / g) if isinstance(g, str) and g != "initial" and not
+                             Path(g).is_absolute() and (config_dir / g).exists() else g for g in tso["generators"]]
+    return resolved
+
+
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def load_config(cls: type, path: str | Path) -> Any:
-    return from_dict(cls, yaml.safe_load(Path(path).read_text()) or {})
 
 
 def replace(config: Any, **changes: Any) -> Any:
@@ -608,6 +665,7 @@ def replace(config: Any, **changes: Any) -> Any:
 
 __all__ = [
     "ConfigError", "SyntheticConfig", "DataConfig", "ModelConfig", "TrainConfig", "SFTConfig", "OracleConfig",
-    "ScoreConfig", "SelectConfig", "PolicyConfig", "GenerateConfig", "EvaluateConfig", "TSOConfig", "RunConfig",
-    "load_run_config", "save_config", "load_config", "to_dict", "from_dict", "parse_overrides", "field",
+    "ScoreConfig", "SelectConfig", "LossParams", "PolicyConfig", "GenerateConfig", "EvaluateConfig", "TSOConfig",
+    "RunConfig",
+    "load_run_config", "save_config", "to_dict", "from_dict", "parse_overrides", "field",
 ]

@@ -159,6 +159,33 @@ def synthetic_metrics(
     truth = GroundTruth.load(task_dir)
     policy_rewards = [truth.reward(a) for a in policy_answers]
     reference_rewards = [truth.reward(a) for a in reference_answers]
+    answers = answer_metrics(policy_answers, prompts, policy_dir, reference_dir, policy_ended=policy_ended,
+                             batch_size=batch_size, policy_tokenizer=policy_tokenizer,
+                             reference_tokenizer=reference_tokenizer)
+    return {
+        "true_reward": _mean(policy_rewards),
+        "true_reward_reference": _mean(reference_rewards),
+        "reward_gain": _mean(policy_rewards) - _mean(reference_rewards),
+        **answers,
+        "reference_answer_words": _mean([len(a.split()) for a in reference_answers]),
+    }
+
+
+def answer_metrics(
+    policy_answers: Sequence[str],
+    prompts: Sequence[Prompt],
+    policy_dir: Any,
+    reference_dir: Any,
+    *,
+    policy_ended: Sequence[bool] | None = None,
+    batch_size: int = 16,
+    policy_tokenizer: Any = None,
+    reference_tokenizer: Any = None,
+) -> dict[str, float]:
+    """What any data allows about a policy's answers: kl_seq (mean log pi(y|x) - log pi_ref(y|x) over the
+    policy's answers, a sample estimate of KL(pi || pi_ref)), kl_per_token (summed, over the answer tokens, EOS
+    included where ended), answer_words / answer_tokens (mean lengths), n. Each model scores the text with its
+    own tokenizer, so the sequence-level KL is valid across tokenizers."""
     policy_tok = _tokenizer(policy_dir, policy_tokenizer)
     reference_tok = _tokenizer(reference_dir, reference_tokenizer)
     # One model in memory at a time: each is loaded, used and dropped.
@@ -170,18 +197,24 @@ def synthetic_metrics(
     )
     log_ratios = [p - r for p, r in zip(policy_lp, reference_lp, strict=True)]
     return {
-        "true_reward": _mean(policy_rewards),
-        "true_reward_reference": _mean(reference_rewards),
-        "reward_gain": _mean(policy_rewards) - _mean(reference_rewards),
         "kl_seq": _mean(log_ratios),
         "kl_per_token": sum(log_ratios) / max(sum(policy_tokens), 1),
         "answer_words": _mean([len(a.split()) for a in policy_answers]),
         "answer_tokens": _mean(
             [len(policy_tok(a, add_special_tokens=False)["input_ids"]) for a in policy_answers]
         ),
-        "reference_answer_words": _mean([len(a.split()) for a in reference_answers]),
         "n": float(len(policy_answers)),
     }
+
+
+def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ------------------------------------------------------------------------------------------- reward model
@@ -297,40 +330,41 @@ def _pair_rows(
     )
 
 
-def implicit_reward_accuracy(
-    policy_dir: Any,
-    reference_dir: Any,
-    pairs: Any,
-    *,
-    beta: float,
-    batch_size: int = 16,
-    tokenizer: Any = None,
-) -> dict[str, float]:
-    """DPO's implicit reward r(y) = beta * (log pi(y|x) - log pi_ref(y|x)) on held-out pairs.
+def implicit_rewards(policy_dir: Any, reference_dir: Any, pairs: Any, *, batch_size: int,
+                     tokenizer: Any = None) -> list[tuple[float, float]]:
+    """(chosen, rejected) log-ratios log pi(y|x) - log pi_ref(y|x) per pair: DPO's implicit reward over beta.
 
-    `pairs`: `data.TokenizedPair`s, or a tuple (prompts, chosen, rejected) of string lists (tokenized with
-    the policy's tokenizer for both models: the log-ratio needs the same tokens). accuracy: fraction with
-    r(chosen) > r(rejected) strictly, as TRL's rewards/accuracies (a tie is not a success); margin: mean of
-    r(chosen) - r(rejected). Models may be directories or loaded models (then pass `tokenizer` for strings).
+    `pairs`: `data.TokenizedPair`s, or a tuple (prompts, chosen, rejected) of string lists (tokenized with the
+    policy's tokenizer for both models: the log-ratio needs the same tokens). Models may be directories or
+    loaded models (then pass `tokenizer` for strings).
     """
     if tokenizer is None and isinstance(policy_dir, (str, Path)):
         tokenizer = _tokenizer(policy_dir, None)
     chosen, rejected = _pair_rows(pairs, tokenizer)
     if not chosen:
-        raise ValueError("no held-out pairs to evaluate")
+        return []
     rows = chosen + rejected
     policy_lp = _response_logps(_model(policy_dir), rows, batch_size)
     reference_lp = _response_logps(_model(reference_dir), rows, batch_size)
-    rewards = [beta * (p - r) for p, r in zip(policy_lp, reference_lp, strict=True)]
+    ratios = [p - r for p, r in zip(policy_lp, reference_lp, strict=True)]
     n = len(chosen)
-    chosen_r, rejected_r = rewards[:n], rewards[n:]
-    margins = [c - r for c, r in zip(chosen_r, rejected_r)]
+    return list(zip(ratios[:n], ratios[n:]))
+
+
+def implicit_reward_accuracy(policy_dir: Any, reference_dir: Any, pairs: Any, *, batch_size: int,
+                             tokenizer: Any = None) -> dict[str, float]:
+    """accuracy: fraction of held-out pairs with r(chosen) > r(rejected) strictly, as TRL's rewards/accuracies (a
+    tie is not a success; any beta > 0 gives the same); margin, chosen/rejected: means in log-ratio units."""
+    ratios = implicit_rewards(policy_dir, reference_dir, pairs, batch_size=batch_size, tokenizer=tokenizer)
+    if not ratios:
+        raise ValueError("no held-out pairs to evaluate")
+    margins = [c - r for c, r in ratios]
     return {
-        "accuracy": sum(m > 0 for m in margins) / n,
+        "accuracy": sum(m > 0 for m in margins) / len(ratios),
         "margin": _mean(margins),
-        "chosen_reward": _mean(chosen_r),
-        "rejected_reward": _mean(rejected_r),
-        "n": float(n),
+        "chosen_reward": _mean([c for c, _ in ratios]),
+        "rejected_reward": _mean([r for _, r in ratios]),
+        "n": float(len(ratios)),
     }
 
 

@@ -2,6 +2,13 @@
 
 A tiny model saved with `save_model_dir` is an ordinary HF directory (safetensors + config + tokenizer), so
 every later stage loads it with `load_model(dir)` exactly like a hub checkpoint and never knows it is tiny.
+
+Sources are checked before anything is loaded, with one line naming the path and what is wrong
+(`check_model_source`, also usable alone for fail-fast validation): a local directory needs config.json,
+safetensors weights whose headers and sizes agree (pickled `.bin` weights are refused: unpickling runs code),
+and tokenizer files; a path that can only be local (absolute, ./, ../, ~, deeper than org/name, or whose first
+folder exists here) is reported as a missing local directory, never as a failed hub download; a hub id under
+HF_HUB_OFFLINE=1 must be in the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +40,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
-class ModelLoadError(OSError):
-    """A model or tokenizer path is neither a local directory nor a loadable hub id."""
+class ModelLoadError(ValueError):
+    """A model or tokenizer source is unusable. Permanent: not an OSError, which retry rules treat as transient
+    I/O, so a mistyped path fails at once instead of after minutes of retries."""
 
 
 def default_device() -> torch.device:
@@ -65,16 +74,120 @@ def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
-def _check_source(path: str, what: str) -> bool:
-    """True for a local directory, False for a plausible hub id; a one-line error for anything else."""
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _only_local(path: str) -> bool:
+    """A path that cannot be a hub id, or whose first folder exists here (a typo below it, e.g. models/x)."""
+    if not _HUB_ID.match(path) or path.startswith((".", "~")):
+        return True
+    return "/" in path and Path(path.split("/", 1)[0]).is_dir()
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Header and size of a safetensors file agree (a truncated or overwritten file fails here, cheaply)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if size < 8 or 8 + header_len > size:
+                return f"has a truncated or corrupt {file.name} ({size} bytes; its header claims {header_len})"
+            header = json.loads(handle.read(header_len))
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"has a corrupt {file.name} (its header is not a safetensors header)"
+    needed = 8 + header_len + max(ends, default=0)
+    return None if size >= needed else f"has a truncated {file.name} ({size} bytes of {needed})"
+
+
+def _weights_problem(directory: Path) -> str | None:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"has an invalid {index.name}"
+        missing = [name for name in shards if not (directory / name).is_file()]
+        if missing:
+            return f"has {index.name} listing {len(missing)} missing shard(s), e.g. {missing[0]}"
+        files = [directory / name for name in shards]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in directory.glob(ext))
+        if pickles:
+            return (f"holds only pickled weights ({pickles[0]}); selpo loads safetensors only (unpickling can "
+                    "run code): convert with model.save_pretrained(dir, safe_serialization=True)")
+        return "has no model weights (*.safetensors)"
+    return next((problem for problem in map(_safetensors_problem, files) if problem), None)
+
+
+def _tokenizer_problem(directory: Path) -> str | None:
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+        return None
+    return "has no tokenizer (tokenizer.json or tokenizer_config.json); save one with tokenizer.save_pretrained(dir)"
+
+
+def _dir_problem(directory: Path, *, weights: bool, tokenizer: bool) -> str | None:
+    if weights and not (directory / "config.json").is_file():
+        return "has no config.json (not a saved transformers model; save one with save_pretrained)"
+    return (_weights_problem(directory) if weights else None) or (_tokenizer_problem(directory) if tokenizer else None)
+
+
+def _hub_cache_problem(path: str) -> str | None:
+    """Under HF_HUB_OFFLINE=1 a hub id must be in the local cache (config.json and a tokenizer file)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(path, name), str)
+
+    if cached("config.json") and (cached("tokenizer.json") or cached("tokenizer_config.json")):
+        return None
+    return (f"is not a local directory ({Path(path).resolve()} does not exist) and not in the local Hugging Face "
+            f"cache ({HF_HUB_CACHE}); HF_HUB_OFFLINE=1 forbids downloading it")
+
+
+def check_model_source(path: str | Path, *, what: str = "model") -> str | None:
+    """One line saying what is wrong with a model source, or None when it looks loadable. Cheap (reads only
+    file headers), for validating every model a run needs before any training.
+
+    `what` names the source in the message (e.g. the config field, "reference.path"). A hub id is checked
+    only under HF_HUB_OFFLINE=1 (against the local cache); online it is left to the download.
+    """
+    path = str(path)
+    if not path:
+        return f"{what}: empty path"
     local = Path(path).expanduser()
     if local.is_dir():
-        return True
+        problem = _dir_problem(local, weights=True, tokenizer=True)
+        return f"{what} dir {path!r} {problem}" if problem else None
     if local.exists():
-        raise ModelLoadError(f"{what} path {path!r} is a file, not a directory or a hub id like org/name")
-    if not _HUB_ID.match(path):
-        raise ModelLoadError(f"{what} path {path!r} does not exist and is not a hub id like org/name")
+        return f"{what} {path!r} is a file, not a model directory or a hub id like org/name"
+    if _only_local(path):
+        return f"{what} {path!r}: no such local directory ({local.resolve()})"
+    problem = _hub_cache_problem(path) if _offline() else None
+    return f"{what} {path!r} {problem}" if problem else None
+
+
+def _check_source(path: str, what: str, *, weights: bool, tokenizer: bool) -> bool:
+    """True for a usable local directory, False for a plausible hub id; a ModelLoadError for anything else."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        problem = _dir_problem(local, weights=weights, tokenizer=tokenizer)
+        if problem:
+            raise ModelLoadError(f"{what} dir {path!r} {problem}")
+        return True
+    problem = check_model_source(path, what=what)
+    if problem:
+        raise ModelLoadError(problem)
     return False
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is_generic_saved_tokenizer(directory: Path) -> bool:
@@ -91,7 +204,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = str(path)
-    is_dir = _check_source(path, "tokenizer")
+    is_dir = _check_source(path, "tokenizer", weights=False, tokenizer=True)
     source = str(Path(path).expanduser()) if is_dir else path
     try:
         if is_dir and _is_generic_saved_tokenizer(Path(source)):
@@ -101,8 +214,8 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
             tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ModelLoadError(f"could not load a tokenizer from {path!r}: {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a tokenizer from {path!r}: {_first_line(err)}") from err
     if not tokenizer.is_fast:
         raise ModelLoadError(
             f"tokenizer {path!r} is a slow (Python) tokenizer; selpo needs a fast one for character offsets"
@@ -138,15 +251,17 @@ def load_model(
         path = str(cfg_or_path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype if dtype is not None else resolve_dtype(precision, device)
-    is_dir = _check_source(path, "model")
+    from safetensors import SafetensorError
+
+    is_dir = _check_source(path, "model", weights=True, tokenizer=False)
     source = str(Path(path).expanduser()) if is_dir else path
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if is_dir and any(Path(source).glob("*.safetensors")):
-        kwargs["use_safetensors"] = True  # never fall back to unpickling a .bin beside it
+    # Never unpickle a .bin (beside safetensors or instead of them): local dirs were checked to hold safetensors.
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
-        raise ModelLoadError(f"could not load a model from {path!r}: {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError, SafetensorError) as err:
+        where = f"model dir {path!r}" if is_dir else f"model {path!r} (not a local directory; as a hub id)"
+        raise ModelLoadError(f"could not load {where}: {_first_line(err)}") from err
     return model.to(device).eval()
 
 
@@ -224,6 +339,7 @@ def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) ->
 
 
 __all__ = [
-    "LORA_TARGETS", "ModelLoadError", "default_device", "resolve_dtype", "load_tokenizer", "load_model",
+    "LORA_TARGETS", "ModelLoadError", "check_model_source", "default_device", "resolve_dtype", "load_tokenizer",
+    "load_model",
     "build_tiny_model", "maybe_apply_lora", "frozen_copy", "save_model_dir", "count_parameters",
 ]

@@ -6,35 +6,29 @@ rejected concatenated), calls one pure loss from `losses.py`, and reports TRL's 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from selpo_core import losses
+from selpo_core.config import LossParams
 from selpo_core.logps import masked_sum, model_logps_and_kl, model_per_token_logps, split_pair
 
-StepFn = Callable[[Any, dict[str, Any]], tuple[Tensor, dict[str, Tensor]]]
+if TYPE_CHECKING:
+    from selpo_core.train import StepFn
 
-
-@dataclass(frozen=True)
-class MethodParams:
-    """The hyper-parameters a preference step needs, gathered from the oracle or policy config."""
-
-    method: str
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sepo_gamma: float = 1.0
-    sepo_margin: float = 0.0
-    simpo_beta: float = 2.0
-    simpo_gamma_beta_ratio: float = 0.5
-    tdpo_alpha: float = 0.5
-    sdpo_quantile: float = 0.6
-    tso_chosen_reward_max: float = 5.0
-    tso_rejected_reward_min: float = -5.0
-
+LOSS_FIELDS: dict[str, tuple[str, ...]] = {
+    "dpo": ("beta", "label_smoothing"),
+    "ipo": ("beta",),
+    "simpo": ("simpo_beta", "simpo_gamma_beta_ratio"),
+    "sepo": ("sepo_gamma", "sepo_margin"),
+    "selective_dpo": ("beta", "sdpo_quantile"),
+    "tdpo1": ("beta",),
+    "tdpo2": ("beta", "tdpo_alpha"),
+    "tso": ("beta", "tso_chosen_reward_max", "tso_rejected_reward_min"),
+}
+"""The LossParams fields each method's loss reads: exactly what enters its stage key."""
 
 # Methods whose loss needs reference log-probs of the sampled tokens (from a model or from the Parquet).
 NEEDS_REF_LOGPS = ("dpo", "ipo", "tso", "selective_dpo")
@@ -50,26 +44,29 @@ def sft_step(model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tenso
     return loss, {"nll": loss.detach()}
 
 
-def make_preference_step(params: MethodParams, ref_model: Any | None) -> StepFn:
-    """Step function for one method. `ref_model` is used when the batch carries no `ref_per_token_logps`."""
+def make_preference_step(method: str, params: LossParams, ref_model: Any | None) -> StepFn:
+    """Step function for `method` with the loss hyper-parameters `params` (an OracleConfig or PolicyConfig).
+
+    `ref_model` is used when the batch carries no `ref_per_token_logps`."""
+    if method not in LOSS_FIELDS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(LOSS_FIELDS)}")
 
     def step(model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         metrics: dict[str, Tensor] = {}
         if ref_model is not None and next(ref_model.parameters()).device != input_ids.device:
             ref_model.to(input_ids.device)  # the training loop places the policy and batches, not the reference
-        if params.method in NEEDS_REF_MODEL_ALWAYS:
+        if method in NEEDS_REF_MODEL_ALWAYS:
             if ref_model is None:
-                raise ValueError(f"{params.method} needs a reference model at every step")
+                raise ValueError(f"{method} needs a reference model at every step")
             policy_logps, ref_logps, per_token_kl = model_logps_and_kl(
                 model, ref_model, input_ids, attention_mask, loss_mask
             )
         else:
             policy_logps = model_per_token_logps(model, input_ids, attention_mask, loss_mask)
-            ref_logps = _reference_logps(params, ref_model, batch) if params.method in NEEDS_REF_LOGPS else None
+            ref_logps = _reference_logps(method, ref_model, batch) if method in NEEDS_REF_LOGPS else None
         chosen_logps, rejected_logps = split_pair(policy_logps)
         chosen_mask, rejected_mask = split_pair(loss_mask)
-        method = params.method
         if method in ("dpo", "ipo", "tso"):
             ref_chosen, ref_rejected = split_pair(ref_logps)
             if method == "dpo":
@@ -123,11 +120,11 @@ def make_preference_step(params: MethodParams, ref_model: Any | None) -> StepFn:
     return step
 
 
-def _reference_logps(params: MethodParams, ref_model: Any | None, batch: dict[str, Any]) -> Tensor:
+def _reference_logps(method: str, ref_model: Any | None, batch: dict[str, Any]) -> Tensor:
     if "ref_per_token_logps" in batch:
         return batch["ref_per_token_logps"]
     if ref_model is None:
-        raise ValueError(f"{params.method} needs reference log-probs: give a reference model or scores")
+        raise ValueError(f"{method} needs reference log-probs: give a reference model or scores")
     with torch.no_grad():
         return model_per_token_logps(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
 

@@ -7,11 +7,18 @@ Plan. All responses are ordered by total length (prompt + response), so neighbou
 shards of `cfg.shard_rows` responses; inside a shard, `token_budget_batches` forms the forward batches. The
 plan depends only on the inputs, so a re-run (or another rank) computes the same shards and the same batches,
 hence bit-identical values. Shard i goes to `shard_dir/part-{i:05d}.parquet`, written to a temp file and
-renamed, with its plan entry (a digest of its inputs, row count, keys, index, shard count, plan digest) in
-the Parquet metadata; `plan.json` lists every entry. A re-run skips shards that read back completely (page
-checksums and full Arrow validation) with the expected entry, keys and rows, and recomputes a missing,
-truncated, corrupt or stale one. `read_scores` uses plan.json, or, when only the part files were moved
-somewhere, the entries the shards carry.
+renamed, with its plan entry (a digest of its inputs, row count, keys, index, shard count, plan digest, and
+its token counts) in the Parquet metadata; `plan.json` lists every entry. A re-run skips shards that read back
+completely (page checksums and full Arrow validation) with the expected entry, keys and rows, and recomputes a
+missing one, and, with a warning naming it, a 0-byte, truncated, corrupt or stale one. `read_scores` uses
+plan.json, or, when only the part files were moved somewhere, the entries the shards carry.
+
+Temp files carry host, pid and a random token (selpo_core/atomic.py), so two processes scoring into one
+directory never share a temp name; both write identical shards, and whichever rename lands last wins.
+
+Metrics mean the same however the work was split: token counts and `pad_fraction` come from the plan entries
+of all shards (what one uninterrupted single-process run would count), while `shards_scored`,
+`real_tokens_scored`, `forward_seconds` and `real_tokens_per_second` describe this call's own work.
 
 Data parallel: rank r owns the shards with `i % world_size == r`; the caller runs a barrier before
 `read_scores`. Model identity is not in the digest: the shard dir is a stage's partial dir whose key already
@@ -33,6 +40,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -49,6 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selpo_core.artifacts import atomic_write_json
+from selpo_core.atomic import remove_dead_leftovers, temp_path
 from selpo_core.batching import token_budget_batches
 from selpo_core.config import ScoreConfig
 from selpo_core.logps import model_per_token_logps
@@ -57,9 +66,11 @@ from selpo_core.models import default_device, load_model, resolve_dtype
 if TYPE_CHECKING:
     from selpo_core.data import TokenizedPair
 
+log = logging.getLogger("selpo.scoring")
+
 SIDES = ("chosen", "rejected")
 PLAN_FILE = "plan.json"
-FORMAT = "selpo-scores/1"
+FORMAT = "selpo-scores/2"  # 2: entries carry token counts
 _META_KEY = b"selpo.shard"
 _FLOAT_COLUMNS = ("oracle_logps", "ref_logps", "log_ratio", "rewards")
 _LIST_COLUMNS = ("token_ids", "offset_start", "offset_end", *_FLOAT_COLUMNS)
@@ -83,10 +94,6 @@ _SPILL_SCHEMA = pa.schema([pa.field("oracle_logps", pa.list_(pa.float32()), null
 
 class ScoresError(RuntimeError):
     """Scores on disk are missing or invalid; the message names the shard."""
-
-
-def _after_shard_written(index: int) -> None:
-    """Called after each final shard is renamed into place. Tests replace it to simulate a crash."""
 
 
 # --------------------------------------------------------------------------------------------------- plan
@@ -114,6 +121,7 @@ class _Shard:
     keys_digest: str  # (example_id, side) in row order: recomputable from the shard alone
     shards_total: int = 0
     plan_digest: str = ""  # all shard digests: shards of one plan agree, so a stray old shard shows
+    padded_tokens: int = 0  # rows x longest row, summed over the shard's forward batches
 
     @property
     def name(self) -> str:
@@ -135,6 +143,10 @@ class _Shard:
             "rows": len(self.responses),
             "digest": self.digest,
             "keys_digest": self.keys_digest,
+            # Token counts go with the shard, so metrics summed over shards are the same after a resume.
+            "response_tokens": sum(len(r.ids) for r in self.responses),
+            "real_tokens": _real_tokens([self]),  # prompt + response tokens, each response counted once
+            "padded_tokens": self.padded_tokens,
         }
 
 
@@ -199,7 +211,9 @@ def _plan(pairs: Sequence[TokenizedPair], cfg: ScoreConfig, dtype: torch.dtype) 
             for array in (r.prompt_ids, r.ids, r.offsets):
                 _feed(digest, array.tobytes())
         keys = _keys_digest([r.example_id for r in chunk], [r.side for r in chunk])
-        shards.append(_Shard(index, chunk, digest.hexdigest()[:32], keys))
+        shard = _Shard(index, chunk, digest.hexdigest()[:32], keys)
+        padded = sum(len(b) * max(chunk[i].total for i in b) for b in _batches(shard, cfg.batch_tokens))
+        shards.append(dataclasses.replace(shard, padded_tokens=padded))
     plan_digest = hashlib.sha256("|".join(s.digest for s in shards).encode()).hexdigest()[:32]
     return [dataclasses.replace(s, shards_total=len(shards), plan_digest=plan_digest) for s in shards]
 
@@ -229,7 +243,7 @@ def _list_array(arrays: Sequence[np.ndarray], value_type: pa.DataType) -> pa.Lis
 def _write_parquet_atomic(table: pa.Table, path: Path, entry: dict[str, Any]) -> None:
     """Temp file in the same directory, fsync, rename: a reader sees the whole shard or none."""
     table = table.replace_schema_metadata({_META_KEY: json.dumps(entry, sort_keys=True).encode()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as handle:
             # Page checksums let the reader detect flipped bytes inside data pages, not only a bad footer.
@@ -407,21 +421,27 @@ def score_pairs(
 ) -> dict[str, Any]:
     """Score every response of `pairs` into this rank's `shard_dir/part-*.parquet`; return metrics.
 
-    Valid shards from an earlier run are kept; missing or invalid ones are (re)computed. Models are loaded
-    only when something is left to score. Metrics: n_responses / n_tokens (response tokens) of this rank's
-    shards, real_tokens_per_second (prompt+response tokens scored per second of forward passes, each
-    response counted once although two models read it), pad_fraction of the computed batches, seconds (wall),
-    shards_total (all ranks), shards_reused (this rank), shards_scored (this rank).
+    Valid shards from an earlier run are kept; missing ones are computed, invalid ones (0-byte, truncated,
+    corrupt, stale) recomputed with a warning naming them. Models are loaded only when something is left to
+    score. Metrics:
+    - of the whole plan (every shard of every rank; equal after any resume, for any world size):
+      n_responses, n_tokens (response tokens), real_tokens (prompt + response, each response once),
+      padded_tokens, pad_fraction (1 - real / padded over every forward batch), shards_total;
+    - of this call on this rank: shards_reused, shards_scored, real_tokens_scored, forward_seconds,
+      real_tokens_per_second (real_tokens_scored / forward_seconds: the forward throughput, each response
+      counted once although two models read it; 0.0 when nothing was scored), seconds (wall).
     """
     started = time.perf_counter()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_dead_leftovers(shard_dir):
+        log.info("removed %s, left by a process that died while writing it", leftover)
     device = default_device()
     dtype = resolve_dtype(cfg.precision, device)
     shards = _plan(pairs, cfg, dtype)
-    # Every rank writes the same plan (same inputs); the atomic rename makes the race harmless.
+    # Every rank writes the same plan (same inputs); unique temp names and the atomic rename make it harmless.
     atomic_write_json(shard_dir / PLAN_FILE, _plan_json(shards, cfg, dtype))
     if rank == 0:  # shards of an older, longer plan would otherwise travel with the results
         planned = {s.name for s in shards}
@@ -430,7 +450,7 @@ def score_pairs(
                 stale.unlink(missing_ok=True)
 
     mine = [s for s in shards if s.index % world_size == rank]
-    pending = [s for s in mine if _validate_shard(shard_dir / s.name, s.entry())[0] is None]
+    pending = [s for s in mine if not _is_done(shard_dir, s, warn=True)]
     counter = _Counter()
     desc = "scoring" if world_size == 1 else f"scoring[rank {rank}]"
     if pending and cfg.one_model_at_a_time:
@@ -442,15 +462,52 @@ def score_pairs(
         (shard_dir / shard.spill_name).unlink(missing_ok=True)
 
     return {
-        "n_responses": sum(len(s.responses) for s in mine),
-        "n_tokens": sum(len(r.ids) for s in mine for r in s.responses),
-        "real_tokens_per_second": counter.real / counter.seconds if counter.seconds else 0.0,
-        "pad_fraction": (counter.padded - counter.real) / counter.padded if counter.padded else 0.0,
-        "seconds": time.perf_counter() - started,
-        "shards_total": len(shards),
+        **_summary([s.entry() for s in shards], shard_dir),
         "shards_reused": len(mine) - len(pending),
         "shards_scored": len(pending),
+        "real_tokens_scored": counter.real,
+        "forward_seconds": counter.seconds,
+        "real_tokens_per_second": counter.real / counter.seconds if counter.seconds else 0.0,
+        "seconds": time.perf_counter() - started,
     }
+
+
+def _is_done(shard_dir: Path, shard: _Shard, *, warn: bool) -> bool:
+    """True when the shard on disk is valid; a present but invalid one is logged (with `warn`) and redone."""
+    path = shard_dir / shard.name
+    table, why = _validate_shard(path, shard.entry())
+    if table is None and warn and path.exists():
+        log.warning("scores shard %s %s; scoring it again", path, why)
+    return table is not None
+
+
+def _summary(entries: Sequence[dict[str, Any]], where: Path) -> dict[str, Any]:
+    """Token counts and pad_fraction summed over plan entries: the same for one run, a resume or N ranks."""
+    counts = ("rows", "response_tokens", "real_tokens", "padded_tokens")
+    totals = dict.fromkeys(counts, 0)
+    for entry in entries:
+        missing = [name for name in counts if not isinstance(entry.get(name), int) or entry[name] < 0]
+        if missing:
+            raise ScoresError(f"scores shard {where / str(entry.get('name'))} has no valid {missing[0]} "
+                              "in its plan entry (unreadable shard, or written by an older selpo)")
+        for name in counts:
+            totals[name] += entry[name]
+    real, padded = totals["real_tokens"], totals["padded_tokens"]
+    return {
+        "n_responses": totals["rows"],
+        "n_tokens": totals["response_tokens"],
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "pad_fraction": (padded - real) / padded if padded else 0.0,
+        "shards_total": len(entries),
+    }
+
+
+def scores_summary(scores_dir: Path) -> dict[str, Any]:
+    """The plan-wide metrics of `score_pairs` (n_responses, n_tokens, real_tokens, padded_tokens,
+    pad_fraction, shards_total) from a scores dir's plan.json, or from its shards' own entries."""
+    scores_dir = Path(scores_dir)
+    return _summary(_plan_entries(scores_dir), scores_dir)
 
 
 def _real_tokens(shards: Sequence[_Shard]) -> int:
@@ -463,7 +520,6 @@ def _finish(
     _write_parquet_atomic(_shard_table(shard, oracle, ref, beta), out_dir / shard.name, shard.entry())
     # Its oracle spill (one model at a time) is used up: the shard is final from here on.
     (out_dir / shard.spill_name).unlink(missing_ok=True)
-    _after_shard_written(shard.index)
 
 
 def _score_side_by_side(
@@ -499,6 +555,8 @@ def _score_one_at_a_time(
     with torch.inference_mode(), _bar(_real_tokens(pending), f"{desc} (reference pass)") as bar:
         for shard in pending:
             oracle_logps = _read_spill(shard_dir / shard.spill_name, shard)
+            if oracle_logps is None and _is_done(shard_dir, shard, warn=False):
+                continue  # another process scoring this dir finished the shard and removed the spill
             if oracle_logps is None:
                 raise ScoresError(f"oracle spill {shard_dir / shard.spill_name} vanished or broke mid-run")
             (ref_logps,) = _score_shard((reference,), shard, cfg, device, counter, bar)
@@ -534,11 +592,15 @@ def _plan_entries(scores_dir: Path) -> list[dict[str, Any]]:
     if plan_path.is_file():
         try:
             plan = json.loads(plan_path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ScoresError(f"{plan_path} is not valid JSON: {err}") from None
-        if plan.get("format") != FORMAT:
-            raise ScoresError(f"{plan_path} has format {plan.get('format')!r}, expected {FORMAT}")
-        return list(plan["shards"])
+        if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+            found = plan.get("format") if isinstance(plan, dict) else type(plan).__name__
+            raise ScoresError(f"{plan_path} has format {found!r}, expected {FORMAT}")
+        shards = plan.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(e, dict) and "name" in e for e in shards):
+            raise ScoresError(f"{plan_path} has no valid 'shards' list")
+        return shards
     files = sorted(scores_dir.glob("part-*.parquet"))
     if not files:
         raise ScoresError(f"no {PLAN_FILE} and no part-*.parquet in {scores_dir}: nothing was scored there")
@@ -584,5 +646,6 @@ def scores_to_pair_lookup(table: pa.Table) -> dict[tuple[str, str], dict[str, An
 
 
 __all__ = [
-    "SCORE_SCHEMA", "ScoresError", "score_pairs", "read_scores", "scores_to_pair_lookup", "iter_rows",
+    "SCORE_SCHEMA", "ScoresError", "score_pairs", "read_scores", "scores_summary", "scores_to_pair_lookup",
+    "iter_rows",
 ]  # fmt: skip

@@ -7,25 +7,29 @@ schedule, metrics, and exact resume.
 Data order: every epoch has a deterministic plan of *global* batches (`length_bucketed_batches` seeded with
 `seed + epoch`, batch = batch_size * world_size), and each rank takes its contiguous slice of every global
 batch. So 2 processes x batch 4 see the same examples per micro-step as 1 process x batch 8, and a checkpoint
-only needs (epoch, micro-batch index) to know where the data stream stands. Epochs repeat until `max_steps`
-optimizer steps; one optimizer step consumes `grad_accum` micro-batches, possibly straddling two epochs.
+only needs (epoch, micro-batch index) to know where the data stream stands. Epochs repeat until the run's
+optimizer steps are done (`max_steps`, or `epochs` passes over the data); one optimizer step consumes
+`grad_accum` micro-batches, possibly straddling two epochs.
 
-Checkpoints: `checkpoint_dir/step-000123/` = `accelerator.save_state` (weights, optimizer, scheduler, RNG of
-every rank) + `trainer_state.json` (step, data position, seed, last metrics), written under a hidden temp
-name and renamed, so a crash mid-save never looks like a checkpoint. The latest complete one is loaded on
-start; in fp32 a resumed run ends with bit-identical weights to an uninterrupted one (tests check this).
+Checkpoints (selpo_core/checkpoints.py): weights, optimizer, scheduler, every RNG, the data position and the
+open metrics window, with checksums of every file; the newest intact one is loaded on start, a damaged one
+is named and skipped. In fp32 a resumed run ends with bit-identical weights and the same metrics as an
+uninterrupted one (tests check this), so `save_every`, `keep_checkpoints` and logging never change results.
+
+Throughput: `tokens_per_second` in the logged metrics is real (non-padding) tokens of all processes per
+second of training in that logging window (a window cut by a resume keeps its tokens and seconds from before
+the interruption). `TrainResult.tokens_per_second` covers this call's loop; `total_tokens_per_second` covers
+every step of the run across resumes (seconds of the steps that were kept, none of the lost work).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 import math
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,30 +43,31 @@ from accelerate.utils import parse_flag_from_env, send_to_device, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from selpo_core.artifacts import atomic_write_json
 from selpo_core.batching import length_bucketed_batches
+from selpo_core.checkpoints import TRAINER_STATE, latest_checkpoint, read_state, resumable_checkpoint, save_checkpoint
 from selpo_core.config import TrainConfig
 
 log = logging.getLogger("selpo.train")
 
 StepFn = Callable[[Any, dict[str, Any]], tuple[Tensor, dict[str, Tensor | float]]]
-KEEP_CHECKPOINTS = 2
-TRAINER_STATE = "trainer_state.json"
-_CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")
 
 
 @dataclass
 class TrainResult:
     steps: int
-    """Optimizer steps the model has taken in total (== cfg.max_steps once finished)."""
+    """Optimizer steps the model has taken in total (== planned_steps(...) once finished)."""
     final_metrics: dict[str, float]
     """Metrics of the last logging window (restored from the checkpoint if nothing was left to run)."""
     tokens_per_second: float
-    """Real (non-padding) tokens of all processes per second of this call's training loop."""
+    """Real (non-padding) tokens of all processes per second of this call's training loop (0: nothing ran)."""
     seconds: float
     """Wall time of this call's training loop."""
     resumed_from_step: int
     """Step of the checkpoint this call started from; 0 for a fresh run."""
+    total_tokens: float = 0.0
+    """Real tokens of all processes over steps 1..steps, across resumes: the same as in one uninterrupted run."""
+    total_tokens_per_second: float = 0.0
+    """total_tokens per second of the training that produced those steps (across resumes, lost work excluded)."""
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
@@ -94,13 +99,12 @@ def _cpu_only_multiprocess() -> bool:
     return not (device_api.is_available() if device_api is not None else torch.cuda.is_available())
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step (temp dirs of an interrupted save are ignored)."""
-    if not checkpoint_dir.is_dir():
-        return None
-    done = [p for p in checkpoint_dir.iterdir()
-            if _CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+def planned_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of a run: cfg.max_steps, or with cfg.epochs > 0, ceil(epochs * micro-batches per
+    epoch / grad_accum) (at least 1). The rounding guards against 0.1 * 30 = 3.0000000000000004 -> 4 steps."""
+    if cfg.epochs <= 0:
+        return cfg.max_steps
+    return max(1, math.ceil(round(cfg.epochs * micro_batches_per_epoch / cfg.grad_accum, 9)))
 
 
 def train(model: Any, step_fn: StepFn, items: Sequence[Any], collate: Callable[[list[Any]], dict],
@@ -163,34 +167,47 @@ def _train(accelerator: Accelerator, model: Any, step_fn: StepFn, items: Sequenc
     rank, world = accelerator.process_index, accelerator.num_processes
     global_batch = cfg.batch_size * world
     set_seed(cfg.seed)  # dropout etc.; a resume then overwrites every RNG with the checkpoint's
+    per_epoch = len(_epoch_plan(lengths, global_batch, world, cfg.seed, 0))  # the same length every epoch
+    max_steps = planned_steps(cfg, per_epoch)
+    if accelerator.is_main_process:
+        source = f"{cfg.epochs:g} epochs" if cfg.epochs > 0 else "max_steps"
+        log.info("%s: %d optimizer steps (%s; %d items, %d micro-batches of %d per epoch, grad_accum %d)",
+                 desc, max_steps, source, len(items), per_epoch, global_batch, cfg.grad_accum)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, max_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, epoch, micro, last_metrics = 0, 0, 0, {}
-    if (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
-        state = json.loads((ckpt / TRAINER_STATE).read_text())
+    window = _Window(accelerator.device)
+    done_tokens, done_seconds = 0.0, 0.0  # of the steps before this call (from the checkpoint)
+    if (ckpt := resumable_checkpoint(accelerator, checkpoint_dir)) is not None:
+        state = read_state(ckpt)
         if (state["seed"], state["global_batch"]) != (cfg.seed, global_batch):
             raise ValueError(f"{desc}: checkpoint {ckpt} was made with seed={state['seed']}, global batch "
                              f"{state['global_batch']}; this run has seed={cfg.seed}, global batch "
                              f"{global_batch} (its data order would differ). Use a fresh checkpoint_dir.")
-        accelerator.load_state(str(ckpt))  # weights, optimizer, scheduler, every RNG, accelerate's step
+        try:
+            accelerator.load_state(str(ckpt))  # weights, optimizer, scheduler, every RNG, accelerate's step
+        except Exception as err:  # verified a moment ago: vanished, or a format this torch cannot read
+            raise RuntimeError(f"{desc}: could not load checkpoint {ckpt}: {type(err).__name__}: {err}") \
+                from err
         step, epoch, micro, last_metrics = state["step"], state["epoch"], state["micro_index_in_epoch"], \
-            state.get("metrics", {})
-        log.info("%s: resuming from %s (epoch %d, micro-batch %d)", desc, ckpt.name, epoch, micro)
+            state["metrics"]
+        done_tokens, done_seconds = state["tokens_total"], state["seconds_total"]
+        window.restore(state["window"], main_process=accelerator.is_main_process)
+        log.info("%s: resuming from %s (epoch %d, micro-batch %d)", desc, ckpt, epoch, micro)
     resumed_from = step
 
     model.train()
     stream = _micro_batches(lengths, global_batch, world, cfg.seed, epoch, micro)
-    window = _Window(accelerator.device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, disable=not accelerator.is_main_process,
+    bar = tqdm(total=max_steps, initial=step, desc=desc, disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     started = time.perf_counter()
-    while step < cfg.max_steps:
+    while step < max_steps:
         lr = scheduler.get_last_lr()[0]
         for _ in range(cfg.grad_accum):
             epoch, micro, n_micro, indices = next(stream)
@@ -213,24 +230,30 @@ def _train(accelerator: Accelerator, model: Any, step_fn: StepFn, items: Sequenc
         window.add_step(grad_norm, lr)
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == max_steps:
             last_metrics = window.flush(accelerator, epoch=epoch + micro / n_micro)
             accelerator.log(last_metrics, step=step)
             bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
                             tok_s=f"{last_metrics['tokens_per_second']:.0f}")
             if accelerator.is_main_process:
-                log.info("%s step %d/%d %s", desc, step, cfg.max_steps,
+                log.info("%s step %d/%d %s", desc, step, max_steps,
                          " ".join(f"{k}={v:.4g}" for k, v in last_metrics.items()))
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-            _save_checkpoint(accelerator, checkpoint_dir, {
-                "step": step, "epoch": epoch, "micro_index_in_epoch": micro, "seed": cfg.seed,
-                "global_batch": global_batch, "world_size": world, "metrics": last_metrics})
+        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
+            tokens = accelerator.reduce(total_tokens.clone(), reduction="sum").item()
+            save_checkpoint(accelerator, checkpoint_dir, {
+                "step": step, "max_steps": max_steps, "epoch": epoch, "micro_index_in_epoch": micro,
+                "seed": cfg.seed, "global_batch": global_batch, "world_size": world, "metrics": last_metrics,
+                "window": window.snapshot(accelerator), "tokens_total": done_tokens + tokens,
+                "seconds_total": done_seconds + time.perf_counter() - started}, cfg.keep_checkpoints)
     bar.close()
     seconds = time.perf_counter() - started
     tokens = accelerator.reduce(total_tokens, reduction="sum").item()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # gives back the caller's forward (no autocast)
+    all_tokens, all_seconds = done_tokens + tokens, done_seconds + (seconds if step > resumed_from else 0.0)
     return TrainResult(steps=step, final_metrics=last_metrics, seconds=seconds,
-                       tokens_per_second=tokens / seconds if seconds else 0.0, resumed_from_step=resumed_from)
+                       tokens_per_second=tokens / seconds if tokens else 0.0, resumed_from_step=resumed_from,
+                       total_tokens=all_tokens, total_tokens_per_second=all_tokens / all_seconds if all_seconds
+                       else 0.0)
 
 
 def _micro_batches(lengths: Sequence[int], global_batch: int, world: int, seed: int, epoch: int,
@@ -240,14 +263,20 @@ def _micro_batches(lengths: Sequence[int], global_batch: int, world: int, seed: 
     A resume starts mid-plan by index: skipped micro-batches are never collated or run.
     """
     while True:
-        # A last batch smaller than the world size would leave a rank without data (DDP would hang): drop it.
-        plan = length_bucketed_batches(lengths, global_batch, seed=seed + epoch)
-        plan = [batch for batch in plan if len(batch) >= world]
-        if not plan:
-            raise ValueError(f"{len(lengths)} examples cannot feed {world} processes")
+        plan = _epoch_plan(lengths, global_batch, world, seed, epoch)
         for index in range(micro, len(plan)):
             yield epoch, index, len(plan), plan[index]
         epoch, micro = epoch + 1, 0
+
+
+def _epoch_plan(lengths: Sequence[int], global_batch: int, world: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch. Every epoch has the same number: only the order changes."""
+    # A last batch smaller than the world size would leave a rank without data (DDP would hang): drop it.
+    plan = length_bucketed_batches(lengths, global_batch, seed=seed + epoch)
+    plan = [batch for batch in plan if len(batch) >= world]
+    if not plan:
+        raise ValueError(f"{len(lengths)} examples cannot feed {world} processes")
+    return plan
 
 
 def _rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
@@ -298,6 +327,32 @@ class _Window:
         self.lr = lr
         self.steps += 1
 
+    def snapshot(self, accelerator: Accelerator) -> dict[str, Any]:
+        """The open window summed over processes (one all-reduce; every rank calls it), for a checkpoint."""
+        names = sorted(self.sums)
+        local = torch.stack([*(torch.as_tensor(self.sums[n], dtype=torch.float64, device=self.device)
+                               for n in names),
+                             self.grad_norm, self.tokens, torch.as_tensor(self.slots, dtype=torch.float64,
+                                                                          device=self.device)])
+        total = accelerator.reduce(local, reduction="sum").tolist()
+        return {"sums": dict(zip(names, total)), "grad_norm": total[-3], "tokens": total[-2],
+                "slots": total[-1], "micro": self.micro, "steps": self.steps, "lr": self.lr,
+                "seconds": time.perf_counter() - self.start}
+
+    def restore(self, snapshot: dict[str, Any], *, main_process: bool) -> None:
+        """Continue a window from `snapshot`. Its sums (already over all processes) go to the main process, the
+        others start from 0, so the next flush averages exactly the micro-batches of an uninterrupted run."""
+        self.reset()
+
+        def value(x: float) -> Tensor:
+            return torch.tensor(x if main_process else 0.0, dtype=torch.float64, device=self.device)
+
+        self.sums = {name: value(x) for name, x in snapshot["sums"].items()}
+        self.grad_norm, self.tokens = value(snapshot["grad_norm"]), value(snapshot["tokens"])
+        self.slots = int(snapshot["slots"]) if main_process else 0
+        self.micro, self.steps, self.lr = snapshot["micro"], snapshot["steps"], snapshot["lr"]
+        self.start = time.perf_counter() - snapshot["seconds"]  # the window's training time before the stop
+
     def flush(self, accelerator: Accelerator, *, epoch: float) -> dict[str, float]:
         """Average over the window and over processes (one all-reduce), then start a new window."""
         names = sorted(self.sums)  # same order on every rank: step_fn returns the same keys everywhere
@@ -318,26 +373,5 @@ class _Window:
         return out
 
 
-def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: dict[str, Any]) -> None:
-    """save_state into a hidden temp dir, then rename it into place and prune to the last KEEP_CHECKPOINTS."""
-    final = checkpoint_dir / f"step-{state['step']:06d}"
-    tmp = checkpoint_dir / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # rank 0 writes weights/optimizer/scheduler, every rank its RNG file
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(tmp / TRAINER_STATE, state)
-        shutil.rmtree(final, ignore_errors=True)  # a stale one from an earlier, unrelated run
-        os.replace(tmp, final)
-        done = sorted((p for p in checkpoint_dir.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name)),
-                      key=lambda p: int(p.name.split("-")[1]))
-        for old in done[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old)
-        log.info("saved checkpoint %s", final)
-    accelerator.wait_for_everyone()  # no rank races ahead to a resume/read before the rename
-
-
-__all__ = ["TrainResult", "train", "lr_factor", "mixed_precision", "latest_checkpoint", "KEEP_CHECKPOINTS"]
+__all__ = ["TrainResult", "train", "lr_factor", "mixed_precision", "planned_steps", "latest_checkpoint",
+           "TRAINER_STATE"]

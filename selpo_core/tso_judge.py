@@ -1,6 +1,6 @@
 """TSO's judge and pair construction: judge scores, pairs from a ranking, the policy's implicit rewards.
 
-Helpers of `selpo_core.tso` (which re-exports them); kept apart so the loop module stays readable.
+Helpers of the TSO stages (selpo_core/stages/tso.py).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from selpo_core import stages
 from selpo_core.config import RunConfig
 
 
@@ -62,32 +61,18 @@ def pairs_from_ranking(scores: list[float], pairing: str, pairs_per_prompt: int)
     return [(c, r) for c, r in pairs if scores[c] > scores[r]][:pairs_per_prompt]
 
 
-def implicit_rewards(cfg: RunConfig, policy_dir: Path | str, reference_dir: Path | str,
-                     examples: list[Any]) -> dict[str, tuple[float, float]]:
+def policy_implicit_rewards(cfg: RunConfig, policy_path: str, anchor_path: str | None, examples: list[Any],
+                            prompt_template: str | None = None) -> dict[str, tuple[float, float]]:
     """{example_id: (r_chosen, r_rejected)} with r = beta * (log pi(y|x) - log pi_ref(y|x)), tokenized as training
-    tokenizes (so the check sees exactly the sequences the next round trains on)."""
-    import torch
-
+    tokenizes (so the check sees exactly the sequences the next round trains on). `anchor_path` None: the policy
+    is its own reference (round 1), so every r is 0."""
     from selpo_core import data, models
-    from selpo_core.logps import masked_sum, model_per_token_logps, split_pair
+    from selpo_core.evaluate import implicit_rewards
 
-    tokenizer = models.load_tokenizer(str(stages._model_dir(policy_dir)))
-    pairs, _ = data.tokenize_pairs(examples, tokenizer, cfg.data, source="tso pairs")
-    if stages._same_model(policy_dir, reference_dir):  # round 1: the policy IS its reference, every r is 0
+    tokenizer = models.load_tokenizer(policy_path)
+    pairs, _ = data.tokenize_pairs(examples, tokenizer, cfg.data, source="tso pairs", prompt_template=prompt_template)
+    if anchor_path is None:
         return {pair.example_id: (0.0, 0.0) for pair in pairs}
-    sums: list[list[tuple[float, float]]] = []
-    for path in (policy_dir, reference_dir):
-        model = models.load_model(str(stages._model_dir(path)), dtype=torch.float32)
-        rows: list[tuple[float, float]] = []
-        for start in range(0, len(pairs), cfg.evaluate.batch_size):
-            batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v for k, v in
-                     data.collate_pairs(pairs[start:start + cfg.evaluate.batch_size], tokenizer.pad_token_id).items()}
-            with torch.no_grad():
-                logps = model_per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            chosen, rejected = split_pair(masked_sum(logps, batch["loss_mask"]))
-            rows += list(zip(chosen.tolist(), rejected.tolist()))
-        sums.append(rows)
-        del model
+    ratios = implicit_rewards(policy_path, anchor_path, pairs, batch_size=cfg.evaluate.batch_size, tokenizer=tokenizer)
     beta = cfg.policy.beta
-    return {pair.example_id: (beta * (pc - rc), beta * (pr - rr))
-            for pair, (pc, pr), (rc, rr) in zip(pairs, sums[0], sums[1])}
+    return {pair.example_id: (beta * c, beta * r) for pair, (c, r) in zip(pairs, ratios)}

@@ -1,32 +1,33 @@
 """Multi-process stages: with SELPO_LAUNCHER set (e.g. "accelerate launch --multi_gpu --num_processes 4", or
-"torchrun --nproc_per_node 4"), the training and scoring tasks start their stage as ranks of
-`$SELPO_LAUNCHER -m selpo_core.stages <stage> --config <resolved config>`.
+"torchrun --nproc_per_node 4"), the training and scoring stages run as ranks of
+`$SELPO_LAUNCHER -m selpo_core.stages --plan <plan.json> --config <resolved config>`.
 
 Prefect runs once, in the task; the ranks make no Prefect calls (a flow run launched on every rank would
-report the same task runs N times). The ranks resolve the stage's inputs from the run directory (all complete:
-the flow made them) and write the stage dir; the task streams their output into its log and returns the dir.
+report the same task runs N times). The ranks get the exact plan the task runs, so they write exactly its
+stage dir; the task streams their output into its log and returns the dir.
 SELPO_LAUNCHER="python" runs a stage in a fresh single process (frees all memory when it ends).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger
 
-from selpo_core.artifacts import is_complete
-from selpo_core.config import save_config
-from tasks.common import planned_stage_dir, run_config
+from selpo_core.artifacts import atomic_write_text
+from selpo_core.config import RunConfig, save_config
+from selpo_core.stages.plan import StagePlan
+from selpo_core.stages.runner import stage_dir, verify_stage
 
 LAUNCHER_ENV = "SELPO_LAUNCHER"
-# Task (stage function) -> stage name of `python -m selpo_core.stages`.
-CLI_STAGES = {"sft": "sft", "train_oracle": "oracle", "score_tokens": "score", "train_policy": "policy"}
+LAUNCHED_KINDS = ("sft", "oracle", "score", "policy")
+"""The stages that train or score: worth their own processes (and GPUs)."""
 
 
 def launcher() -> list[str]:
@@ -34,32 +35,23 @@ def launcher() -> list[str]:
     return [sys.executable] if argv == ["python"] else argv
 
 
-def launched(stage: str, config: dict[str, Any], **params: Any) -> str | None:
-    """Run `stage` under the launcher and return its dir; None when no launcher is set (run it in-process).
-
-    The ranks rebuild the stage's inputs from the config (as `selpo_core.stages.run_upto` does), so what the
-    stage CLI cannot name (the SFT of a separate policy model, a labelled policy) runs in-process, and a stage
-    whose inputs are a user's own directories fails clearly after the launch.
-    """
+def launched(cfg: RunConfig, plan: StagePlan) -> Path | None:
+    """Run `plan` under the launcher and return its dir; None when no launcher is set (run it in-process)."""
     argv = launcher()
-    if not argv or stage not in CLI_STAGES or params.get("which", "reference") != "reference" or params.get("label"):
+    if not argv or plan.kind not in LAUNCHED_KINDS:
         return None
-    params = {name: value for name, value in params.items() if name != "label"}
-    planned = planned_stage_dir(stage, config, **params)
-    if is_complete(planned):
-        return str(planned)
-    cfg = run_config(config)
-    config_file = cfg.run_dir / "launch" / f"{planned.name}.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
+    final = stage_dir(cfg, plan)
+    if verify_stage(final) is None:
+        return final
+    launch_dir = cfg.run_dir / "launch"
+    config_file, plan_file = launch_dir / f"{plan.dirname}.yaml", launch_dir / f"{plan.dirname}.plan.json"
+    launch_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, config_file)
-    command = [*argv, "-m", "selpo_core.stages", CLI_STAGES[stage], "--config", str(config_file)]
-    if "method" in params:
-        command += ["--method", params["method"]]
-    _stream(command)
-    if not is_complete(planned):
-        raise RuntimeError(f"{shlex.join(command)} finished but {planned} is not complete: the ranks resolved other "
-                           "inputs than this task's (SELPO_LAUNCHER needs the run's own upstream stages)")
-    return str(planned)
+    atomic_write_text(plan_file, json.dumps(plan.to_dict()))
+    _stream([*argv, "-m", "selpo_core.stages", "--plan", str(plan_file), "--config", str(config_file)])
+    if (problem := verify_stage(final)) is not None:
+        raise RuntimeError(f"the launched {plan.name} finished but {final} is not usable: {problem}")
+    return final
 
 
 def _stream(command: list[str]) -> None:

@@ -4,6 +4,7 @@ token heatmap). Never cached: timings and "cached" flags differ on every run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,16 @@ from prefect.cache_policies import NO_CACHE
 from selpo_core import report
 from selpo_core.artifacts import read_manifest
 from selpo_core.report import format_table, load_summary
-from tasks.common import run_config, slug
+from tasks.stage import run_config
 
 HEATMAP = "token_heatmap.html"
 EXCERPT_RESPONSES = 6  # chosen + rejected of the first 3 pairs: enough to see what gets selected
 
-__all__ = ["format_table", "heatmap_excerpt", "load_summary", "publish_stage", "write_summary"]
+__all__ = ["format_table", "heatmap_excerpt", "load_summary", "publish_stage", "slug", "write_summary"]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 @task(name="write summary", task_run_name="write summary", cache_policy=NO_CACHE, persist_result=False)

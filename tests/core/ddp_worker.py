@@ -1,6 +1,10 @@
-"""Tiny training fixtures for tests/core/test_train.py, and the worker of its 2-process (DDP) run.
+"""Tiny training fixtures for tests/core/test_train.py, and the worker of its multi-process runs.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/core/ddp_worker.py --out DIR --steps 3
+    python tests/core/ddp_worker.py --out DIR --checkpoints DIR --pid N --ready FILE --go FILE   # concurrent run
+
+The second form is one of two independent processes training the same run into one checkpoint dir at once:
+each claims pid N (as in two containers) and waits for the go file, so their saves overlap.
 
 Kept in one file so the single-process reference run and the DDP run build exactly the same model, data
 and step function. test_train.py imports it by path (tests/ is not a package).
@@ -10,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,22 +92,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--n-items", type=int, default=40)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--checkpoints", type=Path, default=None, help="default: OUT/checkpoints")
+    parser.add_argument("--pid", type=int, default=0, help="report this pid (temp names), not the real one")
+    parser.add_argument("--ready", type=Path, default=None, help="touched when set up; then wait for --go")
+    parser.add_argument("--go", type=Path, default=None)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")  # the test reads selpo's log lines
+    if args.pid:
+        os.getpid = lambda: args.pid
 
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=3e-3, warmup_steps=1,
-                      precision="fp32", save_every=2, log_every=1, report_to="none")
+                      precision="fp32", save_every=args.save_every, log_every=1, report_to="none")
     items = make_items(args.n_items)
     model = tiny_model()
-    result = train(model, sft_step, items, collate, lengths(items), cfg, args.out / "checkpoints",
+    if args.ready is not None and args.go is not None:
+        args.ready.touch()
+        while not args.go.exists():
+            time.sleep(0.005)
+    result = train(model, sft_step, items, collate, lengths(items), cfg, args.checkpoints or args.out / "checkpoints",
                    log_dir=None, desc="ddp")
     import torch.distributed as dist
 
-    if dist.get_rank() == 0:
+    distributed = dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
         torch.save(model.state_dict(), args.out / "state_dict.pt")
-        summary = {"steps": result.steps, "world_size": dist.get_world_size()}
+        summary = {"steps": result.steps, "world_size": dist.get_world_size() if distributed else 1}
         (args.out / "result.json").write_text(json.dumps(summary))
-    dist.barrier()  # train() leaves the process group up (a second call could follow); we are done with it
-    dist.destroy_process_group()
+    if distributed:
+        dist.barrier()  # train() leaves the process group up (a second call could follow); we are done with it
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

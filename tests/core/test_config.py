@@ -36,8 +36,10 @@ def test_dict_overrides_from_ui() -> None:
         ("oracle.train.precision=fp16", "oracle.train.precision='fp16' is not allowed; choose one of auto, bf16, fp32"),
         ("data.on_bad_row=ignore", "data.on_bad_row='ignore' is not allowed; choose one of error, skip"),
         ("oracle.beta=abc", "oracle.beta must be a number"),
-        ("data.max_prompt_length=999", "data.max_prompt_length=999 must be < data.max_length=256"),
-        ("fail_stage=nowhere", "fail_stage='nowhere' is not allowed"),
+        ("data.max_prompt_length=1024", "data.max_prompt_length=1024 must be < data.max_length=1024"),
+        ("fail_stage=oracle", "unknown config key fail_stage"),
+        ("oracle.simpo_beta=0", "oracle.simpo_beta=0.0 must be > 0"),
+        ("name=_stages", "must be a non-empty name"),
     ],
 )
 def test_bad_values_name_the_field_and_allowed_values(override: str, message: str) -> None:
@@ -52,3 +54,12 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("policy: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_run_config(tmp_path / "bad.yaml")
+
+
+def test_oracle_and_policy_carry_their_own_loss_params() -> None:
+    from selpo_core.config import LossParams
+
+    cfg = load_run_config(None, ["oracle.loss=simpo", "oracle.simpo_beta=3.0", "policy.simpo_beta=5.0"])
+    assert isinstance(cfg.oracle, LossParams) and isinstance(cfg.policy, LossParams)
+    # The oracle's SimPO scale is its own field, no longer its DPO beta.
+    assert (cfg.oracle.simpo_beta, cfg.oracle.beta, cfg.policy.simpo_beta) == (3.0, 0.1, 5.0)

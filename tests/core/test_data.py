@@ -136,12 +136,22 @@ def test_json_list_and_wrapped_list(tmp_path):
         load_preference_data(cfg(tmp_path / "pairs.csv"))
 
 
-def test_implicit_prompt_splits_before_the_space():
+def test_implicit_prompt_splits_at_the_last_shared_assistant_marker():
     assert split_implicit_prompt(HH + " four", HH + " three") == (HH, " four", " three")
-    assert split_implicit_prompt(HH + " four", HH + " five")[0] == HH + " f"  # shared letters go too
-    assert split_implicit_prompt("abcX", "abcY") == ("abc", "X", "Y")  # no space to move over
-    # Shared response starts go to the prompt (the implicit format cannot tell; TRL does the same).
+    # A shared response start stays in the responses: the boundary is the marker, not the common prefix.
+    assert split_implicit_prompt(HH + " four", HH + " five") == (HH, " four", " five")
+    assert split_implicit_prompt(HH + " I'm sure", HH + " I'm not") == (HH, " I'm sure", " I'm not")
+    # A rejected reply that is a prefix of the chosen one keeps both responses.
+    assert split_implicit_prompt(HH + " I can help", HH + " I can") == (HH, " I can help", " I can")
+    # Multi-turn: the last marker both share, not an earlier turn's.
+    two = HH + " four\n\nHuman: and three plus three\n\nAssistant:"
+    assert split_implicit_prompt(two + " six", two + " seven") == (two, " six", " seven")
+    chatml = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert split_implicit_prompt(chatml + "I am", chatml + "I was") == (chatml, "I am", "I was")
+    # Without any marker: TRL's common prefix, moved back to a word start and over one space.
+    assert split_implicit_prompt("abcX", "abcY") == ("abc", "X", "Y")  # no word start to move back to
     assert split_implicit_prompt("Q: I think A", "Q: I think B") == ("Q: I think", " A", " B")
+    assert split_implicit_prompt("Q: four", "Q: five") == ("Q:", " four", " five")
 
 
 def test_implicit_conversational_and_full_conversation_responses(tmp_path):
@@ -181,7 +191,9 @@ MALFORMED = {
     "conversational_row_in_standard": ("standard", CONVERSATIONAL[1], "prompt", "wrong_type", "got list"),
     "implicit_prefix": ("implicit", {"chosen": "Q: a", "rejected": "Q: a b"}, "chosen", "empty_response",
                         "empty response"),
-    "invalid_json": ("standard", '\n{"prompt": "hi", "chosen":', None, "invalid_json", "JSON on line 3"),
+    "invalid_json": ("standard", '{"prompt": "hi", "chosen":', None, "invalid_json", "invalid JSON"),
+    "invalid_utf8": ("standard", b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}', None, "invalid_utf8",
+                     "not valid UTF-8 (byte 0xe9 at byte 15 of the line)"),
     "not_object": ("standard", "[1, 2]", None, "not_an_object", "expected an object, got list"),
 }
 
@@ -191,20 +203,20 @@ def test_malformed_row_is_one_line_error_or_counted_skip(tmp_path, name):
     fmt, bad, field, reason, detail = MALFORMED[name]
     good = GOOD_ROWS[fmt]
     path = tmp_path / "pairs.jsonl"
-    bad_text = bad if isinstance(bad, str) else json.dumps(bad)
-    path.write_text(f"{json.dumps(good[0])}\n{bad_text}\n{json.dumps(good[1])}\n")
+    bad_bytes = bad if isinstance(bad, bytes) else (bad if isinstance(bad, str) else json.dumps(bad)).encode()
+    path.write_bytes(b"\n".join([json.dumps(good[0]).encode(), bad_bytes, json.dumps(good[1]).encode(), b""]))
     with pytest.raises(DataError) as info:
         load_preference_data(cfg(path))
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"{path} row 1")
+    assert message.startswith(f"{path} row 1 (line 2)")
     assert (f"field {field!r}" in message) if field else "field" not in message
     assert detail in message
     examples, report = load_preference_data(cfg(path, on_bad_row="skip"))
     assert report.skipped == {reason: 1} and report.format == fmt
     assert report.n_rows == 3 and report.n_kept == len(examples) == 2
-    assert report.first_skips == [message]
-    assert [e.row for e in examples] == [0, 2]
+    assert report.skipped_rows == [{"row": 1, "reason": reason, "field": field, "message": message}]
+    assert [e.row for e in examples] == [0, 2] and {e.source for e in examples} == {str(path)}
 
 
 def test_missing_file_and_all_rows_bad(tmp_path):
@@ -273,35 +285,37 @@ def test_loss_mask_covers_exactly_response_and_eos(tmp_path, word_tokenizer):
         assert batch["input_ids"][row, :end].tolist() == pair.prompt_ids + response
 
 
-def test_truncation_cuts_the_response_never_the_prompt(tmp_path, word_tokenizer):
+def test_truncation_cuts_the_response_at_the_end(tmp_path, word_tokenizer):
     long = " " + " ".join(f"w{i}" for i in range(10))
     path = write_rows(tmp_path / "t.jsonl", [{"prompt": "hello how are", "chosen": long, "rejected": " no"}])
     data_cfg = cfg(path, max_length=8, max_prompt_length=4)
-    pairs, report = tokenize_pairs(load_preference_data(data_cfg)[0], word_tokenizer, data_cfg, source="t")
+    pairs, report = tokenize_pairs(load_preference_data(data_cfg)[0], word_tokenizer, data_cfg)
     pair = pairs[0]
-    assert word_tokenizer.decode(pair.prompt_ids) == "hello how are"
+    assert word_tokenizer.decode(pair.prompt_ids) == "hello how are"  # 3 <= max_prompt_length: kept whole
     assert word_tokenizer.convert_ids_to_tokens(pair.chosen_ids) == ["w0", "w1", "w2", "w3", "w4"]  # no EOS
     assert len(pair.chosen_offsets) == 5 and pair.chosen_text == long
     assert pair.rejected_ids == [word_tokenizer.convert_tokens_to_ids("no"), word_tokenizer.eos_token_id]
-    assert report.n_truncated == 1 and report.n_kept == 1
+    assert report.n_truncated == 1 and report.n_kept == 1 and report.truncated == {"tokenizer/response": [0]}
 
 
-def test_too_long_prompt_errors_or_skips(tmp_path, word_tokenizer):
+def test_too_long_pair_errors_or_is_refused_after_the_data_stage(tmp_path, word_tokenizer):
     rows = [{"prompt": "hi", "chosen": " a", "rejected": " b"},
             {"prompt": "w1 w2 w3 w4 w5 w6", "chosen": " yes", "rejected": " no"}]
     path = write_rows(tmp_path / "long.jsonl", rows)
-    data_cfg = cfg(path, max_length=16, max_prompt_length=10)
-    examples, _ = load_preference_data(data_cfg)
-    strict = cfg(path, max_length=16, max_prompt_length=5)
+    examples, _ = load_preference_data(cfg(path))
+    # A long prompt whose pair fits max_length is never touched, whatever max_prompt_length says.
+    fits, report = tokenize_pairs(examples, word_tokenizer, cfg(path, max_length=8, max_prompt_length=5))
+    assert len(fits[1].prompt_ids) == 6 and report.n_truncated == 0
+    strict = cfg(path, max_length=7, max_prompt_length=5, on_too_long="skip")
     with pytest.raises(DataError) as info:
-        tokenize_pairs(examples, word_tokenizer, strict, source=str(path))
-    assert str(info.value) == f"{path} row 1 field 'prompt': prompt has 6 tokens > data.max_prompt_length=5"
-    lenient = cfg(path, max_length=16, max_prompt_length=5, on_bad_row="skip")
-    pairs, report = tokenize_pairs(examples, word_tokenizer, lenient, source=str(path))
-    assert len(pairs) == 1 and report.skipped == {"prompt_too_long": 1} and report.n_rows == 2
-    # Without a file row (e.g. examples rebuilt from a normalised file), the example id names the pair.
+        tokenize_pairs(examples, word_tokenizer, strict)
+    assert str(info.value) == (
+        f"{path} row 1 (line 2) field 'prompt': too long: prompt 6 + chosen 2 tokens "
+        "(EOS included) > data.max_length=7 (data.on_too_long=skip), yet the data stage kept it: the data stage "
+        "must check lengths with every tokenizer the run uses (tokenization.check_lengths)")
+    # Without a file row (e.g. examples rebuilt by hand), the example id names the pair.
     bare = [PreferenceExample(e.example_id, e.prompt, e.chosen, e.rejected) for e in examples]
-    with pytest.raises(DataError, match=f"example {bare[1].example_id} field 'prompt'"):
+    with pytest.raises(DataError, match=f"^s example {bare[1].example_id} field 'prompt'"):
         tokenize_pairs(bare, word_tokenizer, strict, source="s")
 
 
@@ -329,11 +343,16 @@ def test_tokenizer_requirements(word_tokenizer):
 
 
 def test_report_merge():
-    load = DataReport("f", n_rows=10, n_kept=8, skipped={"duplicate": 2}, format="standard")
-    tok = DataReport("f", n_rows=8, n_kept=7, skipped={"prompt_too_long": 1}, n_truncated=3)
+    load = DataReport("f", n_rows=10, n_kept=8, skipped={"duplicate": 2}, format="standard",
+                      skipped_rows=[{"row": 3, "reason": "duplicate", "field": None, "message": "m3"},
+                                    {"row": 7, "reason": "duplicate", "field": None, "message": "m7"}])
+    tok = DataReport("f", n_rows=8, n_kept=7, skipped={"too_long": 1}, truncated={"policy/response": [1, 4, 5]},
+                     skipped_rows=[{"row": 5, "reason": "too_long", "field": "prompt", "message": "m5"}],
+                     prompt_template="raw")
     merged = load.merge(tok)
-    assert (merged.n_rows, merged.n_kept, merged.n_truncated) == (10, 7, 3)
-    assert merged.skipped == {"duplicate": 2, "prompt_too_long": 1} and merged.format == "standard"
+    assert (merged.n_rows, merged.n_kept, merged.n_truncated, merged.prompt_template) == (10, 7, 3, "raw")
+    assert merged.skipped == {"duplicate": 2, "too_long": 1} and merged.format == "standard"
+    assert [r["row"] for r in merged.skipped_records()] == [3, 5, 7]
 
 
 # ------------------------------------------------------------------------------------------------------ SFT
@@ -343,7 +362,7 @@ def test_sft_load_tokenize_collate(tmp_path, word_tokenizer):
     path = tmp_path / "sft.jsonl"
     good = {"prompt": "hello how are", "completion": " I am fine"}
     path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
-    with pytest.raises(DataError, match=rf"^{path} row 1 field 'completion': missing$"):
+    with pytest.raises(DataError, match=rf"^{path} row 1 \(line 2\) field 'completion': missing$"):
         load_sft_data(path)
     rows = load_sft_data(path, on_bad_row="skip")
     assert [(r["prompt"], r["completion"]) for r in rows] == [(good["prompt"], good["completion"])]
@@ -359,7 +378,8 @@ def test_sft_load_tokenize_collate(tmp_path, word_tokenizer):
 def test_sft_rows_from_examples(tmp_path):
     examples, _ = load_preference_data(cfg(write_rows(tmp_path / "c.jsonl", CONVERSATIONAL)))
     rows = sft_rows_from_examples(examples)
-    assert rows[0] == {"prompt": CONVERSATIONAL[0]["prompt"], "completion": "blue"}
+    assert rows[0] == {"prompt": CONVERSATIONAL[0]["prompt"], "completion": "blue", "row": 0,
+                       "source": str(tmp_path / "c.jsonl")}
 
 
 # ---------------------------------------------------------------------------------------------- batching

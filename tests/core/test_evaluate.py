@@ -223,22 +223,22 @@ def test_implicit_reward_accuracy_with_a_known_bias(
     prompts = ["describe the city", "w1 w2"]
     chosen, rejected = ["good w1 good", "w3 good"], ["bad w1 bad", "w3 bad"]
 
-    result = implicit_reward_accuracy(policy, reference, (prompts, chosen, rejected), beta=0.5, tokenizer=tok)
+    result = implicit_reward_accuracy(policy, reference, (prompts, chosen, rejected), batch_size=16, tokenizer=tok)
     assert result["accuracy"] == 1.0 and result["margin"] > 0 and result["n"] == 2
     assert result["chosen_reward"] > 0 > result["rejected_reward"]
-    # The margin is beta * the difference of log-ratios, computed here by hand.
+    # The margin is the difference of log-ratios (the implicit reward over beta), computed here by hand.
     policy_lp = sequence_logps(policy, tok, prompts * 2, chosen + rejected)
     reference_lp = sequence_logps(reference, tok, prompts * 2, chosen + rejected)
     ratio = [p - r for p, r in zip(policy_lp, reference_lp)]
-    margins = [0.5 * (ratio[i] - ratio[i + 2]) for i in range(2)]
+    margins = [ratio[i] - ratio[i + 2] for i in range(2)]
     assert result["margin"] == pytest.approx(sum(margins) / 2, abs=1e-4)
 
     swapped = implicit_reward_accuracy(
-        policy, reference, (prompts, rejected, chosen), beta=0.5, tokenizer=tok
+        policy, reference, (prompts, rejected, chosen), batch_size=16, tokenizer=tok
     )
     assert swapped["accuracy"] == 0.0 and swapped["margin"] == pytest.approx(-result["margin"], abs=1e-5)
     same = implicit_reward_accuracy(
-        reference, reference, (prompts, chosen, rejected), beta=0.5, tokenizer=tok
+        reference, reference, (prompts, chosen, rejected), batch_size=16, tokenizer=tok
     )
     assert same["accuracy"] == 0.0 and same["margin"] == pytest.approx(0.0, abs=1e-6)  # a tie is no success
 
@@ -251,7 +251,7 @@ def test_implicit_reward_accuracy_with_a_known_bias(
                 prompt_ids=prompt_ids, chosen_ids=chosen_ids, rejected_ids=encode_answer(tok, p, r)[1]
             )
         )
-    tokenized = implicit_reward_accuracy(policy, reference, pairs, beta=0.5)
+    tokenized = implicit_reward_accuracy(policy, reference, pairs, batch_size=16)
     assert tokenized == pytest.approx(result)
 
 

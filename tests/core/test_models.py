@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from selpo_core.models import (
     LORA_TARGETS,
     ModelLoadError,
     build_tiny_model,
+    check_model_source,
     count_parameters,
     default_device,
     frozen_copy,
@@ -122,8 +124,8 @@ def test_load_model_default_dtype_is_auto(tokenizer, tmp_path: Path, monkeypatch
 
 def test_bad_paths_fail_with_one_line_errors(tmp_path: Path) -> None:
     # None of these may reach the hub: each is rejected before any network call.
-    for bad, why in (("/no/such/model", "does not exist"), ("runs/x/model", "does not exist")):
-        with pytest.raises(ModelLoadError, match=why) as err:
+    for bad in ("/no/such/model", "runs/x/model", "./my-model", "~/nowhere/model"):
+        with pytest.raises(ModelLoadError, match="no such local directory") as err:
             load_model(bad)
         assert "\n" not in str(err.value)
     (tmp_path / "f.txt").write_text("x")
@@ -131,6 +133,87 @@ def test_bad_paths_fail_with_one_line_errors(tmp_path: Path) -> None:
         load_tokenizer(tmp_path / "f.txt")
     with pytest.raises(ValueError, match="build_tiny_model"):
         load_model(ModelConfig())
+
+
+def test_model_load_error_is_permanent_not_io() -> None:
+    # Retry rules treat OSError as transient: a mistyped path must not be retried for minutes.
+    assert not issubclass(ModelLoadError, OSError) and issubclass(ModelLoadError, ValueError)
+
+
+@pytest.fixture(scope="module")
+def good_dir(tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_model_dir(build_tiny_model(_cfg(), tokenizer), tokenizer, tmp_path_factory.mktemp("good") / "m")
+
+
+def _broken(good: Path, out: Path, damage: str) -> Path:
+    import shutil
+
+    shutil.copytree(good, out)
+    weights = out / "model.safetensors"
+    if damage == "no_config":
+        (out / "config.json").unlink()
+    elif damage == "only_bin":
+        weights.rename(out / "pytorch_model.bin")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\x00" * 100)
+    elif damage == "no_tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (out / name).unlink()
+    elif damage == "missing_shard":
+        index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out
+
+
+DAMAGE = {
+    "no_config": "has no config.json (not a saved transformers model",
+    "only_bin": "holds only pickled weights (pytorch_model.bin); selpo loads safetensors only",
+    "truncated": "has a truncated model.safetensors (",
+    "garbage": "has a corrupt model.safetensors (its header is not a safetensors header)",
+    "no_tokenizer": "has no tokenizer (tokenizer.json or tokenizer_config.json)",
+    "missing_shard": "has model.safetensors.index.json listing 1 missing shard(s), e.g. model-00002-of-00002",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_model_dirs_are_named_with_what_is_wrong(good_dir: Path, tmp_path: Path, damage: str) -> None:
+    assert check_model_source(good_dir) is None
+    bad = _broken(good_dir, tmp_path / damage, damage)
+    problem = check_model_source(bad, what="reference.path")
+    assert problem is not None and problem.startswith(f"reference.path dir {str(bad)!r} {DAMAGE[damage]}")
+    loader = load_tokenizer if damage == "no_tokenizer" else load_model
+    with pytest.raises(ModelLoadError) as err:
+        loader(bad)
+    assert DAMAGE[damage] in str(err.value) and str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hub_ids_offline_must_be_in_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json"):
+        (snapshot / name).write_text("{}")
+    (cache / "models--org--cached" / "refs").mkdir()
+    (cache / "models--org--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert check_model_source("org/cached") is None
+    problem = check_model_source("org/missing", what="policy_model.path")
+    assert problem.startswith("policy_model.path 'org/missing' is not a local directory") and str(cache) in problem
+    # A relative path whose first folder exists is a typo of a local dir, not a hub id.
+    (tmp_path / "models").mkdir()
+    assert check_model_source("models/my-sft") == (
+        f"model 'models/my-sft': no such local directory ({tmp_path / 'models' / 'my-sft'})")
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_model("org/missing")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert check_model_source("org/missing") is None  # online: left to the download
+    assert check_model_source("") == "model: empty path"
 
 
 def test_load_tokenizer_sets_pad_and_requires_fast(

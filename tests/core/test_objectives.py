@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from selpo_core.config import DataConfig
+from selpo_core.config import DataConfig, PolicyConfig
 from selpo_core.data import PreferenceExample, collate_pairs, tokenize_pairs
 from selpo_core.logps import model_per_token_logps, split_pair
 from selpo_core.models import frozen_copy
-from selpo_core.objectives import MethodParams, make_preference_step, sft_step
+from selpo_core.objectives import LOSS_FIELDS, make_preference_step, sft_step
 
 METHODS = ("sepo", "dpo", "ipo", "simpo", "selective_dpo", "tdpo1", "tdpo2", "tso")
 
@@ -44,8 +46,8 @@ def test_each_method_lowers_its_loss_and_changes_parameters(method: str, word_to
     batch = collate_pairs(pairs, word_tokenizer.pad_token_id,
                           chosen_selected=[first_half(p.chosen_ids) for p in pairs],
                           rejected_selected=[first_half(p.rejected_ids) for p in pairs])
-    step = make_preference_step(MethodParams(method=method, beta=0.5, simpo_beta=2.0, tso_chosen_reward_max=50.0,
-                                             tso_rejected_reward_min=-50.0), ref_model)
+    params = PolicyConfig(beta=0.5, simpo_beta=2.0, tso_chosen_reward_max=50.0, tso_rejected_reward_min=-50.0)
+    step = make_preference_step(method, params, ref_model)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
@@ -81,9 +83,9 @@ def test_stored_reference_logps_give_the_same_loss_as_running_the_reference(word
     stored = [row[start:start + n].tolist() for row, start, n in zip(ref, starts, lengths)]
     batch_stored = collate_pairs(pairs, word_tokenizer.pad_token_id, chosen_ref_logps=stored[: len(pairs)],
                                  rejected_ref_logps=stored[len(pairs):])
-    params = MethodParams(method="dpo", beta=0.1)
-    loss_run, _ = make_preference_step(params, ref_model)(model, batch)
-    loss_stored, _ = make_preference_step(params, None)(model, batch_stored)
+    params = PolicyConfig(beta=0.1)
+    loss_run, _ = make_preference_step("dpo", params, ref_model)(model, batch)
+    loss_stored, _ = make_preference_step("dpo", params, None)(model, batch_stored)
     assert loss_stored.item() == pytest.approx(loss_run.item(), abs=1e-6)
     assert chosen_ref.shape == rejected_ref.shape
 
@@ -95,3 +97,13 @@ def test_sft_step_is_mean_nll_of_response_tokens(word_tokenizer) -> None:
     logps = model_per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     expected = -(logps[batch["loss_mask"]]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_loss_fields_name_real_params_and_cover_every_method() -> None:
+    from selpo_core.config import POLICY_METHODS, LossParams
+
+    assert set(LOSS_FIELDS) == set(POLICY_METHODS)
+    names = {f.name for f in dataclasses.fields(LossParams)}
+    assert all(set(fields) <= names for fields in LOSS_FIELDS.values())
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        make_preference_step("nope", PolicyConfig(), None)

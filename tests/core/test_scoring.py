@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from collections.abc import Iterator
@@ -182,14 +183,25 @@ def test_plan_independent_of_input_order(setup: dict, tmp_path: Path) -> None:
     assert read_scores(tmp_path).equals(setup["baseline"])
 
 
+def crash_after_writing(monkeypatch: MonkeyPatch, name: str, error: type[BaseException]) -> None:
+    """Make the shard writer raise right after `name` is renamed into place: a crash between two shards."""
+    real_write = scoring._write_parquet_atomic
+
+    def write(table: pa.Table, path: Path, entry: dict) -> None:
+        real_write(table, path, entry)
+        if path.name == name:
+            raise error(f"simulated crash after writing {name}")
+
+    monkeypatch.setattr(scoring, "_write_parquet_atomic", write)
+
+
+PLAN_WIDE = ("n_responses", "n_tokens", "real_tokens", "padded_tokens", "pad_fraction", "shards_total")
+
+
 def test_resume_after_interruption_is_identical(
     setup: dict, tmp_path: Path, monkeypatch: MonkeyPatch
 ) -> None:
-    def crash_after_shard_1(index: int) -> None:
-        if index == 1:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(scoring, "_after_shard_written", crash_after_shard_1)
+    crash_after_writing(monkeypatch, "part-00001.parquet", KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         _score(setup, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
@@ -199,6 +211,48 @@ def test_resume_after_interruption_is_identical(
     monkeypatch.undo()
     metrics = _score(setup, tmp_path)
     assert metrics["shards_reused"] == 2 and metrics["shards_scored"] == 3
+    assert read_scores(tmp_path).equals(setup["baseline"])
+    # Token counts and pad_fraction cover every shard, not only the 3 re-scored ones: as in one run.
+    assert {k: metrics[k] for k in PLAN_WIDE} == {k: setup["metrics"][k] for k in PLAN_WIDE}
+    scored_now = sum(e["real_tokens"] for e in _plan(tmp_path)["shards"][2:])
+    assert metrics["real_tokens_scored"] == scored_now < metrics["real_tokens"]
+    # A resume with nothing left to do still reports the whole run; its own work is zero.
+    again = _score(setup, tmp_path)
+    assert {k: again[k] for k in PLAN_WIDE} == {k: setup["metrics"][k] for k in PLAN_WIDE}
+    assert again["shards_scored"] == again["real_tokens_scored"] == 0 and again["real_tokens_per_second"] == 0.0
+
+
+def test_plan_wide_metrics_are_sums_over_shards_and_readable_from_the_dir(setup: dict) -> None:
+    m = setup["metrics"]
+    # Independent count from the inputs: prompt + response tokens of every response.
+    real = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in setup["pairs"])
+    assert m["real_tokens"] == real == m["real_tokens_scored"]
+    assert m["pad_fraction"] == pytest.approx(1 - real / m["padded_tokens"]) and m["padded_tokens"] > real
+    summary = scoring.scores_summary(setup["baseline_dir"])
+    assert summary == {k: m[k] for k in PLAN_WIDE}
+
+
+def test_two_ranks_report_the_whole_plan(setup: dict, tmp_path: Path) -> None:
+    rank0 = _score(setup, tmp_path, rank=0, world_size=2)
+    rank1 = _score(setup, tmp_path, rank=1, world_size=2)
+    for metrics in (rank0, rank1):
+        assert {k: metrics[k] for k in PLAN_WIDE} == {k: setup["metrics"][k] for k in PLAN_WIDE}
+    assert rank0["real_tokens_scored"] + rank1["real_tokens_scored"] == setup["metrics"]["real_tokens"]
+
+
+def test_zero_byte_and_corrupt_shards_on_resume_are_rescored_with_a_warning(
+    setup: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.copytree(setup["baseline_dir"], tmp_path, dirs_exist_ok=True)
+    (tmp_path / "part-00000.parquet").write_bytes(b"")
+    (tmp_path / "part-00002.parquet").write_bytes(b"PAR1 not really")
+    with caplog.at_level("WARNING", logger="selpo.scoring"):
+        metrics = _score(setup, tmp_path)
+    assert metrics["shards_scored"] == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2
+    assert str(tmp_path / "part-00000.parquet") in warned[0] and "unreadable" in warned[0]
+    assert str(tmp_path / "part-00002.parquet") in warned[1]
     assert read_scores(tmp_path).equals(setup["baseline"])
 
 
@@ -238,11 +292,12 @@ def test_no_flipped_byte_passes_as_valid_data(setup: dict, tmp_path: Path) -> No
     assert rejected > len(original) // 14  # most bytes matter
 
 
-def _plan_entry(directory: Path, name: str) -> dict:
-    import json
+def _plan(directory: Path) -> dict:
+    return json.loads((directory / scoring.PLAN_FILE).read_text())
 
-    plan = json.loads((directory / scoring.PLAN_FILE).read_text())
-    return next(e for e in plan["shards"] if e["name"] == name)
+
+def _plan_entry(directory: Path, name: str) -> dict:
+    return next(e for e in _plan(directory)["shards"] if e["name"] == name)
 
 
 def test_changed_settings_recompute_every_shard(setup: dict, tmp_path: Path) -> None:
@@ -292,21 +347,20 @@ def test_one_model_at_a_time_identical_and_resumes_with_reference_only(
         loaded.append(Path(path).name)
         return real_load(path, **kwargs)
 
-    def crash_after_shard_1(index: int) -> None:
-        if index == 1:
-            raise RuntimeError("simulated crash")
-
     monkeypatch.setattr(scoring, "load_model", counting_load)
-    monkeypatch.setattr(scoring, "_after_shard_written", crash_after_shard_1)
+    real_write = scoring._write_parquet_atomic
+    crash_after_writing(monkeypatch, "part-00001.parquet", RuntimeError)
     with pytest.raises(RuntimeError, match="simulated"):
         _score(setup, tmp_path, cfg)
     assert loaded == ["oracle", "reference"]
-    assert len(list(tmp_path.glob(".oracle-part-*.parquet"))) == 3  # spills of the shards not final yet
-    monkeypatch.setattr(scoring, "_after_shard_written", lambda index: None)
+    # Spills of shards 1 (final, but the crash came before its spill was removed) and 2-4 (not final yet).
+    assert len(list(tmp_path.glob(".oracle-part-*.parquet"))) == 4
+    monkeypatch.setattr(scoring, "_write_parquet_atomic", real_write)
     loaded.clear()
     metrics = _score(setup, tmp_path, cfg)
     assert loaded == ["reference"]  # the oracle pass was kept on disk
     assert metrics["shards_reused"] == 2 and metrics["shards_scored"] == 3
+    assert {k: metrics[k] for k in PLAN_WIDE} == {k: setup["metrics"][k] for k in PLAN_WIDE}
     assert not list(tmp_path.glob(".oracle-*"))
     assert read_scores(tmp_path).equals(setup["baseline"])
 
@@ -331,3 +385,57 @@ def test_duplicate_pairs_scored_once_and_empty_input(setup: dict, tmp_path: Path
     metrics = score_pairs([], setup["oracle"], setup["reference"], FP32, tmp_path / "none")
     assert metrics["shards_total"] == 0
     assert read_scores(tmp_path / "none").equals(pa.Table.from_pylist([], schema=SCORE_SCHEMA))
+
+
+# A scorer in its own process that waits for a start signal, reports the pid it is told to (two containers
+# reuse pids; the old `.part-00000.parquet.tmp-<pid>` was then shared) and writes slowly, so two of them
+# overlap inside every shard write.
+_CONCURRENT_SCORER = """
+import os, pickle, sys, time
+from pathlib import Path
+inputs, out_dir, go, pid, ready = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), \
+    Path(sys.argv[5])
+os.getpid = lambda: pid
+import pyarrow.parquet as pq
+import torch
+from selpo_core import scoring
+torch.set_num_threads(1)
+real_write_table = pq.write_table
+def slow_write_table(*args, **kwargs):
+    time.sleep(0.05)
+    real_write_table(*args, **kwargs)
+pq.write_table = slow_write_table
+pairs, oracle, reference, cfg = pickle.loads(inputs.read_bytes())
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+scoring.score_pairs(pairs, oracle, reference, cfg, out_dir)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_scoring_one_dir_with_the_same_pid_both_succeed(setup: dict, tmp_path: Path) -> None:
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import time
+
+    inputs, out_dir, go = tmp_path / "inputs.pkl", tmp_path / "scores", tmp_path / "go"
+    inputs.write_bytes(pickle.dumps((setup["pairs"], setup["oracle"], setup["reference"], FP32)))
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # Both claim this test's pid: alive, so neither takes the other's temp file for a dead process's leftover.
+    args = [str(inputs), str(out_dir), str(go), str(os.getpid())]
+    ready = [tmp_path / f"ready-{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_SCORER, *args, str(flag)], env=env, cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flag in ready]
+    deadline = time.monotonic() + 120
+    while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
+        time.sleep(0.01)  # both past their imports, polling for the start signal
+    go.touch()
+    results = [proc.communicate(timeout=240) for proc in procs]
+    for proc, (_, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+    assert read_scores(out_dir).equals(setup["baseline"])
+    assert not list(out_dir.glob(".*"))  # no temp file or spill left behind

@@ -5,6 +5,7 @@ Every run uses the tiny Llama, data and SFT-like step of ddp_worker.py (shared w
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,15 +18,16 @@ from typing import Any
 import pytest
 import torch
 
+from selpo_core import checkpoints
 from selpo_core import train as train_module
 from selpo_core.batching import length_bucketed_batches
-from selpo_core.config import TrainConfig
+from selpo_core.config import TRAIN_FIELDS_NOT_IN_KEY, TrainConfig
 from selpo_core.train import (
-    KEEP_CHECKPOINTS,
     TRAINER_STATE,
     latest_checkpoint,
     lr_factor,
     mixed_precision,
+    planned_steps,
     train,
 )
 
@@ -168,7 +170,7 @@ def test_resume_after_a_crash_gives_bit_identical_weights(tmp_path: Path) -> Non
     for key, value in clean.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert result.final_metrics["loss"] == clean_result.final_metrics["loss"]
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step-000004", "step-000006"][-KEEP_CHECKPOINTS:]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step-000004", "step-000006"]
     assert latest_checkpoint(ckpt_dir) == ckpt_dir / "step-000006"
 
     # A finished run resumes to its end without training again, and gives back the final weights and metrics.
@@ -182,6 +184,170 @@ def test_resume_after_a_crash_gives_bit_identical_weights(tmp_path: Path) -> Non
     # A checkpoint of another data order is refused rather than silently continued.
     with pytest.raises(ValueError, match="seed"):
         run(fp32(**{**cfg.__dict__, "seed": 1}), tmp_path, items=items, name="crashed")
+
+
+def assert_same_weights(a: Any, b: Any) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+RESUME_CFG = dict(max_steps=6, batch_size=4, grad_accum=2, save_every=2, warmup_steps=2, log_every=4)
+
+
+def crash_then_resume(tmp: Path, name: str, damage: Any, caplog: pytest.LogCaptureFixture,
+                      init_seed: int = 5) -> tuple[Any, Any]:
+    """Train to a crash at step 5 (checkpoints 2 and 4 on disk), `damage(checkpoint_dir)`, resume to the end
+    from a model initialised with `init_seed` (a checkpoint's weights replace it)."""
+    cfg, items = fp32(**RESUME_CFG), tiny.make_items(20)
+    with pytest.raises(Interrupt):
+        run(cfg, tmp, items=items, model=tiny.tiny_model(dropout=0.1), step_fn=recording_step([], 4 * 2),
+            name=name)
+    ckpt_dir = tmp / name / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step-000002", "step-000004"]
+    damage(ckpt_dir)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="selpo.train"):
+        return run(cfg, tmp, items=items, model=tiny.tiny_model(seed=init_seed, dropout=0.1), name=name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    """The run of RESUME_CFG without interruption; its result also carries `checkpoint_root`."""
+    root = tmp_path_factory.mktemp("clean")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ACCELERATE_USE_CPU", "true")  # module scope: the autouse on_cpu fixture is not active yet
+        model, result = run(fp32(**RESUME_CFG), root, items=tiny.make_items(20), model=tiny.tiny_model(dropout=0.1),
+                            name="clean")
+    result.checkpoint_root = root / "clean"
+    return model, result
+
+
+def truncate_weights(ckpt_dir: Path) -> None:
+    weights = ckpt_dir / "step-000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # today's `SafetensorError: incomplete metadata`
+
+
+def tamper_rng(ckpt_dir: Path) -> None:
+    rng_file = ckpt_dir / "step-000004" / "random_states_0.pkl"
+    states = torch.load(rng_file, weights_only=False)
+    states["torch_manual_seed"] = torch.Generator().manual_seed(99).get_state()  # other dropout masks
+    torch.save(states, rng_file)  # well-formed, so accelerate would load it without a word
+
+
+def edit_trainer_state(ckpt_dir: Path) -> None:
+    path = ckpt_dir / "step-000004" / TRAINER_STATE
+    state = json.loads(path.read_text())
+    state["micro_index_in_epoch"] += 1  # would silently skip a micro-batch
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("damage, problem", [(truncate_weights, "model.safetensors of 100 bytes"),
+                                              (tamper_rng, "random_states_0.pkl whose content changed"),
+                                              (edit_trainer_state, "edited trainer_state.json")])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_and_ends_identical(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, uninterrupted: tuple[Any, Any], damage: Any,
+        problem: str) -> None:
+    clean, clean_result = uninterrupted
+    resumed, result = crash_then_resume(tmp_path, "damaged", damage, caplog)
+    damaged = tmp_path / "damaged" / "checkpoints" / "step-000004"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "selpo.train" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(damaged) in warnings[0] and problem in warnings[0], warnings
+    assert result.resumed_from_step == 2 and result.steps == 6
+    assert_same_weights(resumed, clean)
+    # Every metric of the last window (averages over steps 5-6) is as in one run; only the speed differs.
+    timing = {"tokens_per_second"}
+    assert {k: v for k, v in result.final_metrics.items() if k not in timing} == \
+        {k: v for k, v in clean_result.final_metrics.items() if k not in timing}
+    assert result.total_tokens == clean_result.total_tokens > 0
+    assert sorted(p.name for p in damaged.parent.iterdir()) == ["step-000004", "step-000006"]
+    assert checkpoints.checkpoint_problem(damaged) is None  # re-saved intact
+
+
+def test_every_checkpoint_damaged_starts_over_without_crashing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, uninterrupted: tuple[Any, Any]) -> None:
+    def damage_both(ckpt_dir: Path) -> None:
+        truncate_weights(ckpt_dir)
+        (ckpt_dir / "step-000002" / "optimizer.bin").unlink()
+
+    resumed, result = crash_then_resume(tmp_path, "all damaged", damage_both, caplog, init_seed=0)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "selpo.train" and r.levelname == "WARNING"]
+    assert len(warnings) == 3 and "step-000002 lacks optimizer.bin" in warnings[1]
+    assert "no intact checkpoint left" in warnings[2] and "starts from step 0" in warnings[2]
+    assert result.resumed_from_step == 0
+    assert_same_weights(resumed, uninterrupted[0])
+
+
+def test_metrics_window_cut_by_a_resume_equals_one_run(tmp_path: Path, uninterrupted: tuple[Any, Any]) -> None:
+    # log_every=4, crash in step 4, resume from step 2: the window of steps 1-4 is cut in half by the crash.
+    cfg, items = fp32(**RESUME_CFG), tiny.make_items(20)
+    with pytest.raises(Interrupt):
+        run(cfg, tmp_path, items=items, model=tiny.tiny_model(dropout=0.1), step_fn=recording_step([], 3 * 2),
+            name="cut")
+    _, result = run(cfg, tmp_path, items=items, model=tiny.tiny_model(dropout=0.1), name="cut")
+    assert result.resumed_from_step == 2
+
+    def logged_at_step_4(root: Path) -> dict[str, float]:
+        state = json.loads((root / "checkpoints" / "step-000004" / TRAINER_STATE).read_text())
+        return {k: v for k, v in state["metrics"].items() if k != "tokens_per_second"}
+
+    clean_dir = uninterrupted[1].checkpoint_root
+    assert logged_at_step_4(tmp_path / "cut") == logged_at_step_4(clean_dir)
+    assert set(logged_at_step_4(clean_dir)) >= {"loss", "grad_norm", "pad_fraction", "nll", "lr", "epoch"}
+    assert result.total_tokens == uninterrupted[1].total_tokens
+
+
+def test_load_failure_names_the_checkpoint(tmp_path: Path) -> None:
+    cfg = fp32(max_steps=2, save_every=1)
+    run(cfg, tmp_path, name="unloadable")
+    ckpt = tmp_path / "unloadable" / "checkpoints" / "step-000002"
+    (ckpt / "model.safetensors").write_bytes(b"not safetensors")  # and checksums that vouch for it
+    state = json.loads((ckpt / TRAINER_STATE).read_text())
+    state["files"]["model.safetensors"] = {"bytes": 15, "sha256": checkpoints._sha256(ckpt / "model.safetensors")}
+    state["checksum"] = checkpoints._state_checksum(state)
+    (ckpt / TRAINER_STATE).write_text(json.dumps(state))
+    with pytest.raises(RuntimeError, match=f"could not load checkpoint {ckpt}"):
+        run(cfg, tmp_path, name="unloadable")
+
+
+def test_epochs_set_the_steps_from_the_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    items = tiny.make_items(40)  # 5 micro-batches of 8 per epoch
+    assert planned_steps(fp32(max_steps=7), 5) == 7  # epochs 0: max_steps, unchanged
+    assert planned_steps(fp32(epochs=2), 5) == 10 and planned_steps(fp32(epochs=2, grad_accum=2), 5) == 5
+    assert planned_steps(fp32(epochs=0.1), 30) == 3  # not 4: 0.1 * 30 = 3.0000000000000004
+    assert planned_steps(fp32(epochs=0.01), 30) == 1
+    with caplog.at_level("INFO", logger="selpo.train"):
+        _, result = run(fp32(max_steps=3, epochs=2, warmup_steps=0), tmp_path, items=items, name="epochs")
+    assert result.steps == 10  # max_steps=3 is ignored
+    assert "epochs: 10 optimizer steps (2 epochs; 40 items, 5 micro-batches of 8 per epoch" in caplog.text
+    assert result.final_metrics["epoch"] == pytest.approx(2.0)
+    assert result.final_metrics["lr"] == pytest.approx(3e-3 * lr_factor(9, 0, 10))  # schedule over 10 steps
+    _, more = run(fp32(max_steps=3, epochs=2, warmup_steps=0), tmp_path, items=tiny.make_items(80), name="x2")
+    assert more.steps == 20
+
+
+FIELD_VARIANTS = {"save_every": (0, 1), "keep_checkpoints": (2, 1), "log_every": (1, 3),
+                  "report_to": ("none", "tensorboard")}
+
+
+def test_the_fields_out_of_the_key_are_exactly_those_tested_below() -> None:
+    assert set(TRAIN_FIELDS_NOT_IN_KEY) == set(FIELD_VARIANTS)
+    assert set(TRAIN_FIELDS_NOT_IN_KEY) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("field", sorted(FIELD_VARIANTS))
+def test_a_field_out_of_the_key_does_not_change_the_weights(tmp_path: Path, field: str) -> None:
+    # Dropout, grad accumulation and several epochs: RNG use and the data stream would show any difference.
+    base = dict(max_steps=7, batch_size=4, grad_accum=2, warmup_steps=2, save_every=0, log_every=1)
+    models = []
+    for value in FIELD_VARIANTS[field]:
+        cfg = fp32(**{**base, field: value})
+        model, _ = run(cfg, tmp_path, items=tiny.make_items(20), model=tiny.tiny_model(dropout=0.1),
+                       name=f"{field}={value}", log_dir=tmp_path / f"tb-{value}")
+        models.append(model)
+    assert_same_weights(*models)
+    assert not torch.equal(models[0].lm_head.weight, tiny.tiny_model().lm_head.weight)
 
 
 def test_tensorboard_gets_every_metric_and_the_schedule(tmp_path: Path) -> None:
@@ -251,6 +417,17 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path: Path) -
     assert rng_files == {"random_states_0.pkl", "random_states_1.pkl"}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
+    # Damage the last checkpoint and run again: both ranks fall back to step 2 (the main process decides) and
+    # finish with the same weights as the uninterrupted 2-process run.
+    (final / "random_states_1.pkl").write_bytes(b"tampered")
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"checkpoint {final} has random_states_1.pkl of 8 bytes" in proc.stderr
+    assert "resuming from" in proc.stderr and "step-000002" in proc.stderr
+    resumed_state = torch.load(out / "state_dict.pt")
+    for key, value in ddp_state.items():
+        assert torch.equal(resumed_state[key], value), key
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -271,3 +448,40 @@ def test_cuda_auto_precision_trains_in_bf16_and_resumes(tmp_path: Path) -> None:
     again, again_result = run(cfg, tmp_path, name="cuda")
     assert again_result.resumed_from_step == 4
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_two_processes_training_into_one_checkpoint_dir_with_the_same_pid_both_succeed(tmp_path: Path) -> None:
+    """Two runs of the same training share a checkpoint dir and a pid (two containers): both finish, with the
+    weights of a single run, and leave only intact checkpoints (the old `.step-000001.tmp` was shared)."""
+    import time
+
+    ckpt_dir, go = tmp_path / "checkpoints", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    procs, outs = [], []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        outs.append(out)
+        # The pid both claim is this test's: alive, so neither mistakes the other's temp dir for a dead one's.
+        cmd = [sys.executable, str(HERE / "ddp_worker.py"), "--out", str(out), "--checkpoints", str(ckpt_dir),
+               "--steps", "6", "--batch-size", "8", "--save-every", "1", "--pid", str(os.getpid()),
+               "--ready", str(out / "ready"), "--go", str(go)]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    deadline = time.monotonic() + 120
+    while not all((out / "ready").exists() for out in outs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr[-3000:]
+
+    single, _ = run(TrainConfig(max_steps=6, batch_size=8, lr=3e-3, warmup_steps=1, precision="fp32",
+                                save_every=0, log_every=1, report_to="none"), tmp_path, name="single")
+    for out in outs:
+        state = torch.load(out / "state_dict.pt")
+        assert all(torch.equal(state[k], v) for k, v in single.state_dict().items())
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step-000005", "step-000006"]
+    assert all(checkpoints.checkpoint_problem(p) is None for p in ckpt_dir.iterdir())

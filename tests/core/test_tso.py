@@ -10,10 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stage_spies import InjectedFailure, install_stage_spies
 
-from selpo_core import artifacts, losses, stages, tso
-from selpo_core.config import ConfigError, RunConfig
-from selpo_core.tso import TSOConfig, pairs_from_ranking
+from selpo_core import artifacts, losses, tso, tso_judge
+from selpo_core.config import ConfigError, RunConfig, TSOConfig, load_run_config
+from selpo_core.data import read_examples
+from selpo_core.stages import tso as tso_stages
+from selpo_core.stages.checks import problems
+from selpo_core.stages.plan import StageInput, external
+from selpo_core.stages.runner import execute
+from selpo_core.tso_judge import pairs_from_ranking
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -31,20 +37,19 @@ def test_config_names_the_bad_field_and_the_allowed_values() -> None:
         TSOConfig(judge="labels")
     with pytest.raises(ConfigError, match=r"tso\.rounds=0 must be > 0"):
         TSOConfig(rounds=0)
-    with pytest.raises(ConfigError, match=r"tso\.fail_round=3 must be <= tso\.rounds=2"):
-        TSOConfig(rounds=2, fail_round=3)
 
 
 def test_tso_section_loads_from_the_run_yaml_with_overrides(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(TINY.read_text() + "tso:\n  rounds: 4\n  generators: [initial, some/hub-model]\n")
-    cfg, tso_cfg = tso.load_tso_run(path, {"tso.pairing": "all_adjacent", "policy.beta": 0.2})
+    cfg = load_run_config(path, {"tso.pairing": "all_adjacent", "policy.beta": 0.2})
+    assert problems(cfg, cfg.policy.methods, tso=True) == []
     assert isinstance(cfg, RunConfig) and cfg.policy.beta == 0.2 and cfg.name == "tiny"
-    assert (tso_cfg.rounds, tso_cfg.generators, tso_cfg.pairing) == (4, ("initial", "some/hub-model"), "all_adjacent")
+    assert (cfg.tso.rounds, cfg.tso.generators, cfg.tso.pairing) == (4, ("initial", "some/hub-model"), "all_adjacent")
     with pytest.raises(ConfigError, match=r"unknown config key tso\.roundz"):
-        tso.load_tso_run(path, ["tso.roundz=2"])
-    with pytest.raises(ConfigError, match="judge='truth' needs the synthetic task"):
-        tso.load_tso_run(path, {"data.path": str(tmp_path / "pairs.jsonl")})
+        load_run_config(path, ["tso.roundz=2"])
+    real = load_run_config(path, {"data.path": str(tmp_path / "pairs.jsonl")})
+    assert any("judge='truth' needs the synthetic task" in line for line in problems(real, ["dpo"], tso=True))
 
 
 # -------------------------------------------------------------------------------------------------- pairs
@@ -94,17 +99,20 @@ def test_feedback_correction_flags_pairs_the_policy_orders_the_other_way(tmp_pat
     implicit = {"great answer": (-0.5, 0.25), "yes": (0.0, 0.0)}
     seen: dict[str, Any] = {}
 
-    def fake_implicit_rewards(cfg: RunConfig, policy_dir: Any, reference_dir: Any,
-                              examples: list[Any]) -> dict[str, tuple[float, float]]:
-        seen.update(policy=policy_dir, reference=reference_dir)
+    def fake_implicit_rewards(cfg: RunConfig, policy_path: str, anchor_path: str | None, examples: list[Any],
+                              prompt_template: str | None = None) -> dict[str, tuple[float, float]]:
+        seen.update(policy=policy_path, anchor=anchor_path)
         return {e.example_id: implicit[e.chosen] for e in examples}
 
-    monkeypatch.setattr(tso, "implicit_rewards", fake_implicit_rewards)
-    cfg = RunConfig(runs_dir=str(tmp_path / "runs"))
-    tso_cfg = TSOConfig(judge="labels", judge_path=str(label_file), pairing="best_vs_worst", pairs_per_prompt=2)
-    out = tso.build_pairs(cfg, tso_cfg, 2, candidates_dir, data_dir, "policy-round1", "reference-round1")
+    monkeypatch.setattr(tso_judge, "policy_implicit_rewards", fake_implicit_rewards)
+    cfg = load_run_config(None, {"runs_dir": str(tmp_path / "runs"), "tso.judge": "labels",
+                                 "tso.judge_path": str(label_file), "tso.pairing": "best_vs_worst",
+                                 "tso.pairs_per_prompt": 2})
+    policy, anchor = StageInput("fp-policy", path="policy-round1"), StageInput("fp-ref", path="reference-round1")
+    plan = tso_stages.plan_pairs(cfg, 2, external(str(candidates_dir)), external(str(data_dir)), policy, anchor)
+    out = execute(cfg, plan)
 
-    assert seen == {"policy": "policy-round1", "reference": "reference-round1"}
+    assert seen == {"policy": "policy-round1", "anchor": "reference-round1"}
     judged = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
     flags = {(j["chosen"], j["rejected"]): (j["corrected"], j["policy_tie"]) for j in judged}
     # p1 ranking: great 2 > good 1 > bad -1 (the unlabeled one is left out): pairs great/bad, then nothing (3 // 2).
@@ -113,17 +121,27 @@ def test_feedback_correction_flags_pairs_the_policy_orders_the_other_way(tmp_pat
     assert (metrics["n_pairs"], metrics["n_corrected"], metrics["corrected_fraction"]) == (2, 1, 0.5)
     assert (metrics["n_policy_ties"], metrics["n_unlabeled"], metrics["n_candidates"]) == (1, 1, 6)
     assert metrics["chosen_from/human"] == 1 and metrics["rejected_from/g1"] == 1
-    # TRL standard format, and a data dir train_policy reads (held-out pairs carried over for evaluation).
+    # TRL standard format, and a data dir the policy stage reads (held-out pairs carried over for evaluation).
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
-    assert [e.chosen for e in stages.read_examples(out / "train.jsonl")] == ["great answer", "yes"]
+    assert [e.chosen for e in read_examples(out / "train.jsonl")] == ["great answer", "yes"]
     assert (out / "heldout.jsonl").read_bytes() == (data_dir / "heldout.jsonl").read_bytes()
+    # A policy that is its own reference (round 1) has no implicit reward to compare: the anchor is not loaded.
+    same = tso_stages.plan_pairs(load_run_config(None, {"runs_dir": str(tmp_path / "runs2"), "tso.judge": "labels",
+                                                        "tso.judge_path": str(label_file)}),
+                                 1, external(str(candidates_dir)), external(str(data_dir)), policy, policy)
+    execute(load_run_config(None, {"runs_dir": str(tmp_path / "runs2"), "tso.judge": "labels",
+                                   "tso.judge_path": str(label_file)}), same)
+    assert seen["anchor"] is None
 
 
 def test_generator_matrix_always_has_the_policy_once(tmp_path: Path) -> None:
-    matrix = tso.generator_matrix(TSOConfig(generators=("initial", "org/model-7b")), tmp_path, tmp_path)
-    assert matrix == [("policy", str(tmp_path)), ("g1-model-7b", "org/model-7b")]  # initial IS the policy here
-    matrix = tso.generator_matrix(TSOConfig(generators=("initial",)), tmp_path / "round1", tmp_path)
+    policy = StageInput("fp-initial", stage="sft_reference-abc", sub="model")
+    matrix = tso_stages.generator_matrix(TSOConfig(generators=("initial", "org/model-7b")), policy, policy)
+    assert [(name, value.path or value.stage) for name, value in matrix] == [
+        ("policy", "sft_reference-abc"), ("g1-model-7b", "org/model-7b")]  # initial IS the policy here
+    moved = StageInput("fp-round1", stage="policy_tso_round1-def", sub="model")
+    matrix = tso_stages.generator_matrix(TSOConfig(generators=("initial",)), moved, policy)
     assert [name for name, _ in matrix] == ["policy", "initial"]
 
 
@@ -157,26 +175,21 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> TinyRuns:
         clip_calls.append(kwargs)
         return original_loss(*args, **kwargs)
 
+    cfg = load_run_config(TINY, overrides)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(losses, "tso_dual_clip_loss", loss_spy)
-        ran: Counter[str] = Counter()
-        original_output = stages.stage_output
-
-        def output_spy(run_dir: Path, stage: str, *args: Any, **kwargs: Any) -> Any:
-            ran[stage] += 1  # stages.run_stage opens a stage output only when it really runs the stage
-            return original_output(run_dir, stage, *args, **kwargs)
-
-        patch.setattr(stages, "stage_output", output_spy)
-        cfg, tso_cfg = tso.load_tso_run(TINY, {**overrides, "tso.fail_round": 2})
-        with pytest.raises(stages.InjectedFailure) as failed:
-            tso.run_tso(cfg, tso_cfg)
-        failed_stages, ran = Counter(ran), Counter()  # the spy closes over `ran`: it counts into the new one
-        cfg, tso_cfg = tso.load_tso_run(TINY, overrides)
-        resumed = tso.run_tso(cfg, tso_cfg)
-        resumed_stages, ran = Counter(ran), Counter()
-        again = tso.run_tso(cfg, tso_cfg)
-        again_stages = Counter(ran)
-    return TinyRuns(cfg.run_dir, failed.value, failed_stages, resumed, resumed_stages, again, again_stages,
+        failing = install_stage_spies(patch, fail=lambda name: name == "policy_tso_round2")
+        with pytest.raises(InjectedFailure) as failed:
+            tso.run_tso(cfg)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(losses, "tso_dual_clip_loss", loss_spy)
+        resuming = install_stage_spies(patch)
+        resumed = tso.run_tso(cfg)
+        resumed_stages = Counter(resuming.ran())
+        resuming.reset()
+        again = tso.run_tso(cfg)
+        again_stages = Counter(resuming.ran())
+    return TinyRuns(cfg.run_dir, failed.value, Counter(failing.ran()), resumed, resumed_stages, again, again_stages,
                     clip_calls)
 
 
@@ -194,19 +207,24 @@ def test_resume_runs_only_what_round_two_had_left(tiny_runs: TinyRuns) -> None:
     assert tiny_runs.again == tiny_runs.resumed
 
 
+def stage_of(stage_dir: str) -> str:
+    return Path(stage_dir).name
+
+
 def test_each_round_is_anchored_to_the_previous_policy(tiny_runs: TinyRuns) -> None:
     rows = tiny_runs.resumed["rounds"]
     assert [row["round"] for row in rows] == [0, 1, 2]
     round1, round2 = rows[1]["dirs"], rows[2]["dirs"]
     first = artifacts.read_manifest(round1["policy"])["inputs"]
     second = artifacts.read_manifest(round2["policy"])["inputs"]
-    sft_dir = first["reference"]["path"]
-    assert Path(sft_dir).name.startswith("sft_reference-") and first["policy_init"]["path"] == sft_dir
-    assert second["reference"]["path"] == second["policy_init"]["path"] == round1["policy"]
-    assert second["data"]["path"] == round2["pairs"]
+    sft_stage = first["policy_init"]["stage"]
+    assert sft_stage.startswith("sft_reference-") and first["anchor"]["stage"] == sft_stage
+    assert second["anchor"]["stage"] == second["policy_init"]["stage"] == stage_of(round1["policy"])
+    assert second["data"]["stage"] == stage_of(round2["pairs"])
     # Feedback correction of round 2 reads round 1's policy against the reference it was trained from.
     pairs_inputs = artifacts.read_manifest(round2["pairs"])["inputs"]
-    assert (pairs_inputs["policy"]["path"], pairs_inputs["reference"]["path"]) == (round1["policy"], sft_dir)
+    assert (pairs_inputs["policy"]["stage"], pairs_inputs["anchor"]["stage"]) == (stage_of(round1["policy"]),
+                                                                                  sft_stage)
     # The round-2 candidates come from the matrix: the moving policy and the fixed initial model.
     assert artifacts.read_manifest(round2["candidates"])["config"]["generators"] == ["policy", "initial"]
     for row in rows[1:]:
@@ -222,6 +240,6 @@ def test_dual_clip_bounds_come_from_the_config(tiny_runs: TinyRuns) -> None:
     assert {(c["chosen_reward_max"], c["rejected_reward_min"]) for c in tiny_runs.clip_calls} == {(0.5, -0.25)}
     policy = artifacts.read_manifest(tiny_runs.resumed["rounds"][2]["dirs"]["policy"])["config"]
     assert policy["method"] == "tso"
-    assert (policy["policy"]["tso_chosen_reward_max"], policy["policy"]["tso_rejected_reward_min"]) == (0.5, -0.25)
+    assert policy["loss_params"] == {"beta": 0.1, "tso_chosen_reward_max": 0.5, "tso_rejected_reward_min": -0.25}
     assert tiny_runs.resumed["clip"] == {"chosen_reward_max": 0.5, "rejected_reward_min": -0.25}
     assert "| 2 |" in tso.format_rounds(tiny_runs.resumed)

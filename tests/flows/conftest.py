@@ -15,7 +15,7 @@ from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from flow_helpers import StageCalls, install_stage_spies  # noqa: E402
+from stage_spies import StageCalls, install_stage_spies  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -3,44 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from uuid import UUID
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
-
-
-class StageCalls(Counter):
-    """How many times each selpo_core stage function really ran (cache hits never call it)."""
-
-    def reset(self) -> None:
-        self.clear()
-
-    def ran(self) -> dict[str, int]:
-        return {name: count for name, count in self.items() if count}
-
-
-def install_stage_spies(patch: pytest.MonkeyPatch) -> StageCalls:
-    """Wrap every stage function of selpo_core.stages with a counter (the tasks look them up at call time;
-    cache keys plan with the unwrapped functions, so planning is never counted)."""
-    from selpo_core import stages
-    from tasks.common import STAGE_NAMES
-
-    calls = StageCalls()
-    for name in STAGE_NAMES:
-        original = getattr(stages, name)
-
-        def spy(*args: Any, _original: Callable[..., Any] = original, _name: str = name, **kwargs: Any) -> Any:
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        patch.setattr(stages, name, spy)
-    return calls
 
 
 def task_run_states(flow_run_id: UUID, expected: set[str] | None = None, timeout: float = 30) -> dict[str, str]:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flow_helpers import TINY_CONFIG, StageCalls, install_stage_spies, task_run_states
+from flow_helpers import TINY_CONFIG, task_run_states
+from stage_spies import StageCalls, install_stage_spies
 
 FAIL_AT = "score"
 BEFORE = ["make synthetic task", "prepare data", "SFT reference", "train oracle"]
 FROM_FAILED = ["score tokens", "select key tokens", "generate [reference]", "train policy [sepo]", "generate [sepo]",
                "evaluate [sepo]", "train policy [dpo]", "generate [dpo]", "evaluate [dpo]"]
-STAGE_RECORDS = ["synthetic", "data", "sft", "oracle", "score", "select", "generate_reference", "policy_sepo",
+STAGE_RECORDS = ["synthetic", "data", "sft_reference", "oracle", "score", "select", "generate_reference", "policy_sepo",
                  "generate_sepo", "evaluate_sepo", "policy_dpo", "generate_dpo", "evaluate_dpo"]
 
 
@@ -49,10 +50,11 @@ def resumed_run(prefect_harness: Path, tmp_path_factory: pytest.TempPathFactory)
     runs_dir = tmp_path_factory.mktemp("runs")
     overrides = {"runs_dir": str(runs_dir)}
     with pytest.MonkeyPatch.context() as patch:
-        calls = install_stage_spies(patch)
-        failed, failed_states = run_pipeline({**overrides, "fail_stage": FAIL_AT})
+        calls = install_stage_spies(patch, fail=lambda name: name == FAIL_AT)
+        failed, failed_states = run_pipeline(overrides)
         failed_calls = calls.ran()
-        calls.reset()
+    with pytest.MonkeyPatch.context() as patch:
+        calls = install_stage_spies(patch)
         resumed, resumed_states = run_pipeline(overrides)
         resumed_calls = calls.ran()
     assert failed.is_failed(), failed
@@ -94,15 +96,13 @@ def test_failed_run_resumes_at_the_failed_stage(resumed_run: ResumedRun) -> None
     assert {name: resumed_run.failed_states.get(name) for name in BEFORE} == dict.fromkeys(BEFORE, "Completed")
     assert resumed_run.failed_states["score tokens"] == "Failed"
     assert not set(FROM_FAILED[1:]) & set(resumed_run.failed_states)
-    assert resumed_run.failed_calls == {"make_synthetic": 1, "prepare_data": 1, "sft": 1, "train_oracle": 1,
-                                        "score_tokens": 1}
+    assert resumed_run.failed_calls == {"synthetic": 1, "data": 1, "sft_reference": 1, "oracle": 1, "score": 1}
     # The re-run: stages < k come from the cache (never called), stages >= k run, each once.
     assert {name: resumed_run.resumed_states[name] for name in BEFORE} == dict.fromkeys(BEFORE, "Cached")
     assert {name: resumed_run.resumed_states[name] for name in FROM_FAILED} == dict.fromkeys(FROM_FAILED, "Completed")
-    assert resumed_run.resumed_calls == {"score_tokens": 1, "select_tokens": 1, "generate": 3, "train_policy": 2,
-                                         "evaluate": 2}
+    assert resumed_run.resumed_calls == dict.fromkeys(STAGE_RECORDS[4:], 1)
     cached = {name: row["cached"] for name, row in resumed_run.summary["stages"].items()}
-    assert cached == {name: name in ("synthetic", "data", "sft", "oracle") for name in STAGE_RECORDS}
+    assert cached == {name: name in ("synthetic", "data", "sft_reference", "oracle") for name in STAGE_RECORDS}
 
 
 def test_new_run_with_same_inputs_reuses_everything(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
@@ -117,27 +117,25 @@ def test_changing_policy_beta_reruns_exactly_the_dependent_stages(resumed_run: R
                                                                   stage_calls: StageCalls) -> None:
     state, states = run_pipeline({**resumed_run.overrides, "policy.beta": 0.25})
     assert state.is_completed()
-    # beta enters the policy and evaluate stages; the policies' answers change with them. The oracle, scores,
-    # selection and the reference's answers do not depend on it.
-    assert stage_calls.ran() == {"train_policy": 2, "generate": 2, "evaluate": 2}
-    rerun = {"train policy [sepo]", "generate [sepo]", "evaluate [sepo]", "train policy [dpo]", "generate [dpo]",
-             "evaluate [dpo]"}
+    # beta is a parameter of dpo's loss, not of sepo's: only dpo and what reads its policy re-run.
+    assert stage_calls.ran() == {"policy_dpo": 1, "generate_dpo": 1, "evaluate_dpo": 1}
+    rerun = {"train policy [dpo]", "generate [dpo]", "evaluate [dpo]"}
     assert {name for name in BEFORE + FROM_FAILED if states[name] != "Cached"} == rerun
 
 
 def test_deleting_a_cached_artifact_recomputes_it(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
     oracle_dir = Path(resumed_run.summary["stages"]["oracle"]["dir"])
-    fingerprint = json.loads((oracle_dir / "manifest.json").read_text())["fingerprint"]
+    weights = (oracle_dir / "model" / "model.safetensors").read_bytes()
     shutil.rmtree(oracle_dir)
     state, states = run_pipeline(resumed_run.overrides)
     assert state.is_completed()
     assert (oracle_dir / "manifest.json").is_file()
-    assert states["train oracle"] == "Completed" and stage_calls["train_oracle"] == 1
+    assert states["train oracle"] == "Completed" and stage_calls["oracle"] == 1
     assert [states[name] for name in BEFORE[:3]] == ["Cached"] * 3
-    # Same config and inputs -> same directory and fingerprint (it hashes key and file sizes), so what depends
-    # on the oracle is still valid and stays cached.
-    assert json.loads((oracle_dir / "manifest.json").read_text())["fingerprint"] == fingerprint
-    assert stage_calls.ran() == {"train_oracle": 1}
+    # Same config and inputs -> same key, same directory, the same bytes: what depends on the oracle is still
+    # valid and stays cached.
+    assert (oracle_dir / "model" / "model.safetensors").read_bytes() == weights
+    assert stage_calls.ran() == {"oracle": 1}
 
 
 def test_incomplete_artifact_recomputes(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
@@ -147,7 +145,7 @@ def test_incomplete_artifact_recomputes(resumed_run: ResumedRun, stage_calls: St
     state, states = run_pipeline(resumed_run.overrides)
     assert state.is_completed()
     assert states["select key tokens"] == "Completed"
-    assert stage_calls["select_tokens"] == 1
+    assert stage_calls.ran() == {"select": 1}
     assert (selection_dir / "selection.parquet").is_file()
 
 
@@ -158,7 +156,7 @@ def test_stage_flow_reuses_upstream_and_accepts_own_artifacts(resumed_run: Resum
     stages = resumed_run.summary["stages"]
     assert score_flow(TINY_CONFIG, resumed_run.overrides) == stages["score"]["dir"]
     given = score_flow(TINY_CONFIG, resumed_run.overrides, oracle_dir=stages["oracle"]["dir"],
-                       reference_dir=stages["sft"]["dir"], data_dir=stages["data"]["dir"])
+                       reference_dir=stages["sft_reference"]["dir"], data_dir=stages["data"]["dir"])
     assert given == stages["score"]["dir"]
     assert select_flow(TINY_CONFIG, resumed_run.overrides) == stages["select"]["dir"]
     assert stage_calls.ran() == {}
@@ -169,7 +167,7 @@ def test_compare_methods_shares_oracle_and_scores(resumed_run: ResumedRun, stage
 
     summary = compare_methods(TINY_CONFIG, resumed_run.overrides, methods=["dpo", "ipo"])
     assert set(summary["policy"]) == {"dpo", "ipo"}
-    assert stage_calls.ran() == {"train_policy": 1, "generate": 1, "evaluate": 1}  # ipo only
+    assert stage_calls.ran() == {"policy_ipo": 1, "generate_ipo": 1, "evaluate_ipo": 1}
     assert summary["stages"]["score"]["cached"] and summary["stages"]["policy_dpo"]["cached"]
 
 

@@ -10,64 +10,52 @@ from typing import Any
 import pytest
 from flow_helpers import TINY_CONFIG
 
-STAGE_TASKS = ["make_synthetic", "prepare_data", "sft", "train_oracle", "score_tokens", "select_tokens",
-               "train_policy", "generate", "evaluate"]
-
 
 def config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    from tasks.common import resolve_config
+    from tasks.stage import resolve_config
 
     return resolve_config(TINY_CONFIG, {"runs_dir": str(tmp_path), **overrides})
 
 
-@pytest.mark.parametrize("name", STAGE_TASKS)
-def test_stage_task_mirrors_its_stage_function(name: str) -> None:
-    """The generic cache key relies on it: same function name, same parameters (config for cfg)."""
-    import tasks
-    from selpo_core import stages
-    from tasks.common import STAGE_NAMES, STAGE_TASK_OPTIONS
+def key(plan: Any, cfg: dict[str, Any]) -> str:
+    from tasks.stage import plan_cache_key
 
-    task = getattr(tasks, name)
-    assert name in STAGE_NAMES and task.fn.__name__ == name
-    task_params = list(inspect.signature(task.fn).parameters)
-    stage_params = list(inspect.signature(getattr(stages, name)).parameters)
-    assert task_params == ["config", *stage_params[1:]]
-    assert task.persist_result is True and task.cache_key_fn is STAGE_TASK_OPTIONS["cache_key_fn"]
-    assert task.retries == 2 and task.retry_condition_fn is STAGE_TASK_OPTIONS["retry_condition_fn"]
+    return plan_cache_key(SimpleNamespace(), {"config": cfg, "plan": plan.to_dict()})
 
 
-def key(task: Any, parameters: dict[str, Any]) -> str:
-    from tasks.common import stage_cache_key
+def plans(cfg: dict[str, Any]) -> dict[str, Any]:
+    from selpo_core.stages.graph import plan_graph
+    from tasks.stage import run_config
 
-    return stage_cache_key(SimpleNamespace(task=task), parameters)
+    return plan_graph(run_config(cfg)).plans
 
 
-def test_cache_key_is_task_plus_planned_dir_and_ignores_the_flow_run(tmp_path: Path) -> None:
-    import tasks
-    from tasks.common import planned_stage_dir
+def test_one_task_runs_every_stage_with_the_plan_as_its_cache_key(tmp_path: Path) -> None:
+    from tasks.stage import plan_cache_key, retry_on_io_error, run_stage
 
+    assert run_stage.persist_result is True and run_stage.cache_key_fn is plan_cache_key
+    assert run_stage.retries == 2 and run_stage.retry_condition_fn is retry_on_io_error
+    assert list(inspect.signature(run_stage.fn).parameters) == ["config", "plan"]
     cfg = config(tmp_path)
-    params = {"config": cfg, "data_dir": str(tmp_path / "data"), "reference_dir": str(tmp_path / "ref")}
-    planned = planned_stage_dir("train_oracle", cfg, data_dir=params["data_dir"], reference_dir=params["reference_dir"])
-    first = key(tasks.train_oracle, params)
-    assert first.startswith("train-oracle-") and planned.name in first
-    assert key(tasks.train_oracle, params) == first  # deterministic: no run id, no time
-    # A field outside the stage's config section (or the failure-injection aid) does not change the key...
-    assert key(tasks.train_oracle, {**params, "config": config(tmp_path, **{"policy.beta": 0.3})}) == first
-    assert key(tasks.train_oracle, {**params, "config": config(tmp_path, fail_stage="oracle")}) == first
-    # ...a field of its section does, and so does another run directory.
-    assert key(tasks.train_oracle, {**params, "config": config(tmp_path, **{"oracle.beta": 0.3})}) != first
-    assert key(tasks.train_oracle, {**params, "config": config(tmp_path / "elsewhere")}) != first
+    oracle = plans(cfg)["oracle"]
+    first = key(oracle, cfg)
+    assert first.startswith(f"oracle-{oracle.key}-")
+    assert key(oracle, cfg) == first  # deterministic: no run id, no time
+    # A field outside what the oracle reads does not change its key; a field it reads does.
+    assert key(plans(config(tmp_path, **{"policy.beta": 0.3}))["oracle"], cfg) == first
+    assert key(plans(config(tmp_path, **{"oracle.beta": 0.3}))["oracle"], cfg) != first
+    # Another run name shares the store (and the cache record); another runs dir holds its own store.
+    other_name = config(tmp_path, name="other")
+    assert key(plans(other_name)["oracle"], other_name) == first
+    elsewhere = config(tmp_path / "elsewhere")
+    assert key(plans(elsewhere)["oracle"], elsewhere) != first
 
 
-def test_equal_inputs_of_different_tasks_never_collide(tmp_path: Path) -> None:
-    import tasks
-
-    cfg = config(tmp_path)
-    gen = {"config": cfg, "data_dir": str(tmp_path / "d"), "model_dir": str(tmp_path / "m")}
-    assert key(tasks.generate, {**gen, "label": "sepo"}) != key(tasks.generate, {**gen, "label": "dpo"})
-    assert key(tasks.sft, {"config": cfg, "data_dir": "d", "task_dir": None, "which": "reference"}) != key(
-        tasks.sft, {"config": cfg, "data_dir": "d", "task_dir": None, "which": "policy_model"})
+def test_equal_inputs_of_different_stages_never_collide(tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"policy.methods": ["sepo", "dpo", "ipo"]})
+    all_plans = plans(cfg)
+    keys = [key(plan, cfg) for plan in all_plans.values()]
+    assert len(set(keys)) == len(keys) == len(all_plans)
 
 
 def failed(exc: BaseException) -> Any:
@@ -86,24 +74,24 @@ def failed(exc: BaseException) -> Any:
     (RuntimeError("a bug"), False),
 ])
 def test_retries_only_transient_io_errors(exc: BaseException, retry: bool) -> None:
-    from tasks.common import retry_on_io_error
+    from tasks.stage import retry_on_io_error
 
     assert retry_on_io_error(None, None, failed(exc)) is retry  # type: ignore[arg-type]
 
 
 def test_config_errors_and_injected_failures_are_not_retried() -> None:
     from selpo_core.config import ConfigError
-    from selpo_core.stages import InjectedFailure
-    from tasks.common import retry_on_io_error
+    from selpo_core.data import DataError
+    from tasks.stage import retry_on_io_error
 
-    for exc in (ConfigError("policy.beta=-1 must be > 0"), InjectedFailure("fail_stage")):
+    for exc in (ConfigError("policy.beta=-1 must be > 0"), DataError("pairs.jsonl row 3 field 'chosen': empty")):
         assert retry_on_io_error(None, None, failed(exc)) is False  # type: ignore[arg-type]
 
 
 def test_resolve_config_validates_and_makes_runs_dir_absolute(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from selpo_core.config import ConfigError
-    from tasks.common import resolve_config
+    from tasks.stage import resolve_config
 
     monkeypatch.chdir(tmp_path)
     cfg = resolve_config(TINY_CONFIG, {"runs_dir": "relative", "policy.methods": ["dpo"]}, run_name="other")

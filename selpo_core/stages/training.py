@@ -1,0 +1,219 @@
+"""The training stages: SFT (the reference, and a separate policy model's start), the oracle, and the policy.
+
+Every stage keys on what its training reads: its loss's own hyper-parameters (`objectives.LOSS_FIELDS`), the
+training settings that can change the weights (not logging or checkpoint cadence), and its inputs.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from selpo_core.artifacts import StageOutput
+from selpo_core.config import ModelConfig, RunConfig, TrainConfig, save_config, to_dict
+from selpo_core.objectives import LOSS_FIELDS, NEEDS_REF_LOGPS, NEEDS_REF_MODEL_ALWAYS
+from selpo_core.stages.plan import StageInput, StagePlan
+from selpo_core.stages.prepare import tokenized_pairs
+
+TRAIN_FIELDS_NOT_IN_KEY = ("log_every", "save_every", "report_to")
+"""TrainConfig fields that cannot change a training result (resume is exact), so they stay out of keys."""
+
+
+def train_key(train: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(train).items() if k not in TRAIN_FIELDS_NOT_IN_KEY}
+
+
+def loss_key(method: str, params: Any) -> dict[str, Any]:
+    return {name: getattr(params, name) for name in LOSS_FIELDS[method]}
+
+
+def _fp32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+def _train_metrics(result: Any, n_params: int) -> dict[str, Any]:
+    return {"steps": result.steps, "seconds": round(result.seconds, 2), "parameters": n_params,
+            "tokens_per_second": round(result.tokens_per_second, 1), **result.final_metrics}
+
+
+# ---------------------------------------------------------------------------------------------------- SFT
+
+
+def plan_sft(cfg: RunConfig, which: str, data: StageInput, base: StageInput) -> StagePlan:
+    """SFT of `cfg.<which>` (reference or policy_model) from `base`: the model path, or the synthetic task
+    (whose tokenizer a tiny model is built over)."""
+    model_cfg: ModelConfig = getattr(cfg, which)
+    section = {"train": train_key(cfg.sft.train), "model": {k: v for k, v in to_dict(model_cfg).items() if k != "path"}}
+    return StagePlan(f"sft_{which}", "sft", f"SFT {which.replace('_', ' ')}", section,
+                     {"data": data, "base": base})
+
+
+def _init_model(model_cfg: ModelConfig, base: str, from_task: bool) -> tuple[Any, Any]:
+    """The starting weights: a real checkpoint, or a tiny model over the synthetic task's tokenizer."""
+    from selpo_core import models
+
+    if not from_task:
+        tokenizer = models.load_tokenizer(base, trust_remote_code=model_cfg.trust_remote_code)
+        # fp32 master weights: training uses bf16 autocast, never bf16 weights.
+        model = models.load_model(base, dtype=_fp32(), trust_remote_code=model_cfg.trust_remote_code)
+        return model, tokenizer
+    tokenizer = models.load_tokenizer(f"{base}/tokenizer")
+    return models.build_tiny_model(model_cfg, tokenizer), tokenizer
+
+
+def run_sft(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
+    from selpo_core import data, models
+    from selpo_core.objectives import sft_step
+    from selpo_core.train import train
+
+    which = plan.name.removeprefix("sft_")
+    model_cfg: ModelConfig = getattr(cfg, which)
+    model, tokenizer = _init_model(model_cfg, inputs["base"], from_task=not model_cfg.path)
+    model = models.maybe_apply_lora(model, model_cfg)
+    rows = data.load_sft_data(f"{inputs['data']}/sft.jsonl")
+    items = data.tokenize_sft(rows, tokenizer, cfg.data)
+    result = train(model, sft_step, items, lambda batch: data.collate_sft(batch, tokenizer.pad_token_id),
+                   [item.length for item in items], cfg.sft.train, out.partial_dir / "checkpoints",
+                   log_dir=out.work_dir / "tb", desc=f"sft {which}")
+    models.save_model_dir(model, tokenizer, out.work_dir / "model")
+    save_config(cfg.sft, out.work_dir / "config.yaml")
+    out.metrics.update(_train_metrics(result, models.count_parameters(model)))
+
+
+# ------------------------------------------------------------------------------------------------- oracle
+
+
+def plan_oracle(cfg: RunConfig, data: StageInput, reference: StageInput) -> StagePlan:
+    oracle = cfg.oracle
+    section = {"loss": oracle.loss, "loss_params": loss_key(oracle.loss, oracle), "subset_fraction":
+               oracle.subset_fraction, "subset_count": oracle.subset_count, "subset_seed": oracle.subset_seed,
+               "train": train_key(oracle.train)}
+    return StagePlan("oracle", "oracle", "train oracle", section, {"data": data, "reference": reference})
+
+
+def oracle_subset(cfg: RunConfig, pairs: list[Any]) -> list[Any]:
+    count = cfg.oracle.subset_count or max(1, int(round(cfg.oracle.subset_fraction * len(pairs))))
+    count = min(count, len(pairs))
+    indices = sorted(random.Random(cfg.oracle.subset_seed).sample(range(len(pairs)), count))
+    return [pairs[i] for i in indices]
+
+
+def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
+    """DPO (or IPO/SimPO) from the reference on a seeded random subset of the training pairs."""
+    from selpo_core import data, models
+    from selpo_core.objectives import make_preference_step
+    from selpo_core.train import train
+
+    tokenizer = models.load_tokenizer(inputs["reference"])
+    pairs = oracle_subset(cfg, tokenized_pairs(cfg, inputs["data"], tokenizer))
+    model = models.load_model(inputs["reference"], dtype=_fp32())
+    ref_model = models.frozen_copy(model) if cfg.oracle.loss != "simpo" else None
+    result = train(model, make_preference_step(cfg.oracle.loss, cfg.oracle, ref_model), pairs,
+                   lambda batch: data.collate_pairs(batch, tokenizer.pad_token_id),
+                   [pair.length for pair in pairs], cfg.oracle.train, out.partial_dir / "checkpoints",
+                   log_dir=out.work_dir / "tb", desc="oracle")
+    models.save_model_dir(model, tokenizer, out.work_dir / "model")
+    save_config(cfg.oracle, out.work_dir / "config.yaml")
+    out.metrics.update({"n_pairs": len(pairs), **_train_metrics(result, models.count_parameters(model))})
+
+
+# ------------------------------------------------------------------------------------------------- policy
+
+
+def plan_policy(cfg: RunConfig, method: str, data: StageInput, policy_init: StageInput, anchor: StageInput, *,
+                ref_logps: tuple[StageInput, str] | None, selection: StageInput | None, label: str = "",
+                title: str = "") -> StagePlan:
+    """Train the policy with one method from `policy_init`. Inputs are only what the method reads: the anchor
+    model (DPO family without stored log-probs, TDPO always), the anchor's stored log-probs (the score stage and
+    its column: `ref_logps` of the reference, `oracle_logps` of the oracle), the selection.
+
+    `label` names the stage when one method is trained several times in a run (TSO rounds); `title` the task."""
+    p = cfg.policy
+    section = {"method": method, "loss_params": loss_key(method, p), "train": train_key(p.train),
+               "lora": {"r": cfg.policy_model.lora_r, "alpha": cfg.policy_model.lora_alpha}}
+    inputs: dict[str, StageInput] = {"data": data, "policy_init": policy_init}
+    if method in NEEDS_REF_LOGPS and ref_logps is not None:
+        inputs["ref_logps"], section["ref_logps_column"] = ref_logps
+    elif method in NEEDS_REF_LOGPS or method in NEEDS_REF_MODEL_ALWAYS:
+        inputs["anchor"] = anchor
+    if method == "sepo":
+        if selection is None:
+            raise ValueError("sepo trains on selected tokens: it needs the select stage")
+        inputs["selection"] = selection
+    name = label or method
+    return StagePlan(f"policy_{name}", "policy", title or f"train policy [{name}]", section, inputs)
+
+
+def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
+    """Train the policy with one method from the same data, scores and selection as every other method."""
+    import pyarrow.parquet as pq
+
+    from selpo_core import data, models
+    from selpo_core.objectives import make_preference_step
+    from selpo_core.scoring import read_scores, scores_to_pair_lookup
+    from selpo_core.train import train
+
+    method = plan.section["method"]
+    init_dir = inputs["policy_init"]
+    tokenizer = models.load_tokenizer(init_dir)
+    pairs = tokenized_pairs(cfg, inputs["data"], tokenizer)
+    model = models.load_model(init_dir, dtype=_fp32())
+    extras: dict[str, Any] = {}
+    ref_model = None
+    if "selection" in inputs:
+        extras["selected"] = scores_to_pair_lookup(pq.read_table(f"{inputs['selection']}/selection.parquet"))
+    if "ref_logps" in inputs:
+        extras["ref"] = scores_to_pair_lookup(read_scores(f"{inputs['ref_logps']}/scores"))
+        extras["ref_column"] = plan.section["ref_logps_column"]
+    elif "anchor" in inputs:
+        same = plan.inputs["anchor"].fingerprint == plan.inputs["policy_init"].fingerprint
+        ref_model = models.frozen_copy(model if same else models.load_model(inputs["anchor"], dtype=_fp32()))
+    model = models.maybe_apply_lora(model, cfg.policy_model)
+
+    def collate(batch: list[Any]) -> dict[str, Any]:
+        return data.collate_pairs(batch, tokenizer.pad_token_id, **_pair_extras(batch, extras))
+
+    result = train(model, make_preference_step(method, cfg.policy, ref_model), pairs, collate,
+                   [pair.length for pair in pairs], cfg.policy.train, out.partial_dir / "checkpoints",
+                   log_dir=out.work_dir / "tb", desc=f"policy {plan.name.removeprefix('policy_')}")
+    models.save_model_dir(model, tokenizer, out.work_dir / "model")
+    save_config(cfg.policy, out.work_dir / "config.yaml")
+    out.metrics.update({"method": method, "reads_ref_logps_from_scores": "ref_logps" in inputs,
+                        "trained_token_fraction": _trained_token_fraction(method, pairs, extras, result),
+                        **_train_metrics(result, models.count_parameters(model))})
+
+
+def _pair_extras(batch: list[Any], extras: dict[str, Any]) -> dict[str, Any]:
+    """Per-response selected masks and reference log-probs looked up by (example_id, side)."""
+    kwargs: dict[str, Any] = {}
+    columns = (("selected", "selected", "selected"), ("ref", extras.get("ref_column", "ref_logps"), "ref_logps"))
+    for name, column, prefix in columns:
+        if name not in extras:
+            continue
+        lookup = extras[name]
+        for side in ("chosen", "rejected"):
+            values = []
+            for pair in batch:
+                row = lookup[(pair.example_id, side)]
+                expected = pair.chosen_ids if side == "chosen" else pair.rejected_ids
+                if list(row["token_ids"]) != list(expected):
+                    raise ValueError(f"{name} of example {pair.example_id} ({side}) was computed on other tokens "
+                                     "than the policy's: the artifacts do not match this data or tokenizer")
+                values.append(row[column])
+            kwargs[f"{side}_{prefix}"] = values
+    return kwargs
+
+
+def _trained_token_fraction(method: str, pairs: list[Any], extras: dict[str, Any], result: Any) -> float:
+    """Fraction of response tokens whose log-prob enters the loss."""
+    if method == "sepo":
+        selected = sum(sum(row["selected"]) for row in extras["selected"].values())
+        total = sum(len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)
+        return round(selected / max(1, total), 4)
+    if method == "selective_dpo":
+        chosen = result.final_metrics.get("selected_fraction/chosen", float("nan"))
+        rejected = result.final_metrics.get("selected_fraction/rejected", float("nan"))
+        return round((chosen + rejected) / 2, 4)
+    return 1.0
