@@ -144,7 +144,7 @@ def selpo_inner(oracle: Any, reference: Any, pairs: list[Any], device: Any, dtyp
         for shard in scoring._plan(pairs, cfg, dtype):
             oracle_logps, ref_logps = scoring._score_shard((oracle, reference), shard, cfg, device, counter, bar)
             rows.extend(scoring.iter_rows(scoring._shard_table(shard, oracle_logps, ref_logps, cfg.beta)))
-    select_rows(SelectConfig(k_chosen=K, k_rejected=K), rows)
+    select_rows(SelectConfig(k_chosen=K, k_rejected=K), rows, special_token_ids=())
     return rows, counter
 
 
@@ -158,7 +158,7 @@ def selpo_end_to_end(oracle_dir: Path, reference_dir: Path, pairs: list[Any], pr
         metrics = scoring.score_pairs(pairs, oracle_dir, reference_dir, ScoreConfig(precision=precision,
                                                                                    **SCORER), Path(tmp))
         rows = list(scoring.iter_rows(scoring.read_scores(Path(tmp))))
-    select_rows(SelectConfig(k_chosen=K, k_rejected=K), rows)
+    select_rows(SelectConfig(k_chosen=K, k_rejected=K), rows, special_token_ids=())
     return metrics
 
 

@@ -161,7 +161,8 @@ def _sepo_selected_rows_step(model: Any, batch: dict[str, Any]) -> tuple[Any, di
     policy = model_per_token_logps(model, batch["input_ids"], batch["attention_mask"], selected)
     chosen, rejected = split_pair(policy)
     chosen_mask, rejected_mask = split_pair(selected)
-    per_example, chosen_rewards, rejected_rewards = losses.sepo_loss(chosen, rejected, chosen_mask, rejected_mask)
+    per_example, chosen_rewards, rejected_rewards = losses.sepo_loss(
+        chosen, rejected, chosen_mask, rejected_mask, gamma=1.0, margin=0.0)
     return per_example.mean(), {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
                                 "logps/chosen": masked_sum(chosen, chosen_mask).mean().detach(),
                                 "logps/rejected": masked_sum(rejected, rejected_mask).mean().detach()}
@@ -192,7 +193,7 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
     method = kind.removeprefix("selpo-").removesuffix("-fast")
     if method == "sepo":
         rows = list(scoring.iter_rows(table))
-        select_rows(SelectConfig(), rows)
+        select_rows(SelectConfig(), rows, special_token_ids=())
         extras["selected"] = {(row["example_id"], row["side"]): row for row in rows}
     else:
         extras["ref"] = scoring.scores_to_pair_lookup(table)

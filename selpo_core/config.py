@@ -70,6 +70,11 @@ class SyntheticConfig:
     """Longest response, in words (EOS not counted)."""
     p_key: float = 0.15
     """Probability that a response word is a key word (half positive, half negative on average)."""
+    positive_rewards: tuple[float, ...] = (1.0,)
+    """True rewards of the positive key words, all > 0: key word i gets positive_rewards[i % len] (one value:
+    every positive key is worth it; several, e.g. [0.25, 1, 3]: graded rewards, each value on an equal share)."""
+    negative_rewards: tuple[float, ...] = (-1.0,)
+    """True rewards of the negative key words, all < 0, assigned like positive_rewards."""
 
     def __post_init__(self) -> None:
         for name in ("n_filler", "n_positive", "n_negative", "n_sft", "n_pairs", "n_heldout_prompts", "min_words"):
@@ -77,6 +82,12 @@ class SyntheticConfig:
         if self.max_words < self.min_words:
             raise ConfigError(f"synthetic.max_words={self.max_words} must be >= synthetic.min_words={self.min_words}")
         _fraction("synthetic", "p_key", self.p_key)
+        for name, sign in (("positive_rewards", 1.0), ("negative_rewards", -1.0)):
+            values = tuple(float(v) for v in getattr(self, name))  # YAML [0.25, 1, 3] gives ints
+            object.__setattr__(self, name, values)
+            if not values or any(not v * sign > 0 for v in values):
+                raise ConfigError(f"synthetic.{name}={list(values)} must be a non-empty list of "
+                                  f"{'positive' if sign > 0 else 'negative'} numbers")
 
 
 @dataclass(frozen=True)
@@ -328,6 +339,10 @@ class SelectConfig:
     """Fraction of chosen-response tokens kept (highest reward)."""
     k_rejected: float = 0.3
     """Fraction of rejected-response tokens kept (lowest reward)."""
+    exclude_special_tokens: bool = True
+    """Never select the policy tokenizer's special tokens (EOS, BOS, pad, unk, chat-template markers); fractions
+    then count the selectable tokens only. Off: EOS competes like any token (bottom-k on rejected responses
+    picks it about twice as often as top-k on chosen, which teaches the policy not to stop)."""
 
     def __post_init__(self) -> None:
         _choice("select", "rule", self.rule, ("topk", "global"))

@@ -4,6 +4,11 @@ Every loss takes per-token log-probs [B, T] aligned to `input_ids` (chosen and r
 docs/CONTRACTS.md) and bool masks [B, T], and returns `(losses [B], chosen_rewards [B], rejected_rewards [B])`
 in float32 with the rewards detached. Masks decide which tokens count; values outside a mask are ignored
 (never used to detect padding). Nothing here runs a model.
+
+Hyper-parameters are keyword-only and have NO defaults: the config is the one place that holds them (a default
+here would be a second copy that drifts, as Selective-DPO's beta 0.01 against policy.beta 0.1 once did). Masks
+that a method builds from the model's own log-probs (`selective_dpo_masks`, `confpo_mask`) are built once per
+step by the caller and passed to the loss, so the step can log exactly the fractions the loss used.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ def dpo_loss(
     chosen_mask: Tensor,
     rejected_mask: Tensor,
     *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
+    beta: float,
+    label_smoothing: float,
 ) -> LossOutput:
     """DPO, Rafailov et al. 2023, "Direct Preference Optimization" (arXiv 2305.18290).
 
@@ -59,7 +64,7 @@ def ipo_loss(
     chosen_mask: Tensor,
     rejected_mask: Tensor,
     *,
-    beta: float = 0.1,
+    beta: float,
 ) -> LossOutput:
     """IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences"
     (arXiv 2310.12036).
@@ -82,8 +87,8 @@ def simpo_loss(
     chosen_mask: Tensor,
     rejected_mask: Tensor,
     *,
-    beta: float = 2.0,
-    gamma_beta_ratio: float = 0.5,
+    beta: float,
+    gamma_beta_ratio: float,
 ) -> LossOutput:
     """SimPO, Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
     (arXiv 2405.14734).
@@ -103,8 +108,8 @@ def sepo_loss(
     chosen_selected_mask: Tensor,
     rejected_selected_mask: Tensor,
     *,
-    gamma: float = 1.0,
-    margin: float = 0.0,
+    gamma: float,
+    margin: float,
 ) -> LossOutput:
     """SePO, Yang et al., "Selective Preference Optimization" (arXiv 2408.13518).
 
@@ -141,7 +146,7 @@ def selective_dpo_masks(
     chosen_mask: Tensor,
     rejected_mask: Tensor,
     *,
-    quantile: float = 0.6,
+    quantile: float,
 ) -> tuple[Tensor, Tensor]:
     """Selective-DPO token masks (Dong, arXiv 2507.07725): (chosen_selected, rejected_selected) bool [B, T].
 
@@ -165,40 +170,49 @@ def selective_dpo_masks(
 def selective_dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    chosen_mask: Tensor,
-    rejected_mask: Tensor,
+    anchor_chosen_logps: Tensor,
+    anchor_rejected_logps: Tensor,
+    chosen_selected_mask: Tensor,
+    rejected_selected_mask: Tensor,
     *,
-    beta: float = 0.01,
-    quantile: float = 0.6,
-    scorer_chosen_logps: Tensor | None = None,
-    scorer_rejected_logps: Tensor | None = None,
+    beta: float,
 ) -> LossOutput:
     """Selective-DPO, Dong (arXiv 2507.07725; released code: a TRL fork, loss_type "sdpo").
 
-    Select tokens with `selective_dpo_masks`, then DPO on the masked sums over the selected tokens:
-    L = -log sigma(beta * [sum_{S_w}(logp - logp_ref) - sum_{S_l}(logp - logp_ref)]). The released code uses
-    the reference both to score and to anchor; pass `scorer_*_logps` (e.g. a larger model's) to score with a
-    different model. Rewards: beta * selected log-ratio sums (what the loss sees).
+    DPO on the sums over the tokens `selective_dpo_masks` selected this step (build the masks once, pass them
+    here and log their fractions): L = -log sigma(beta * [sum_{S_w}(logp - logp_anchor) - sum_{S_l}(...)]).
+    The released code scores and anchors with the same reference; here the scorer (given to
+    `selective_dpo_masks`) and the anchor (`anchor_*_logps`) may be different models.
+    Rewards: beta * selected log-ratio sums (what the loss sees).
     """
-    chosen_selected, rejected_selected = selective_dpo_masks(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps if scorer_chosen_logps is None else scorer_chosen_logps,
-        ref_rejected_logps if scorer_rejected_logps is None else scorer_rejected_logps,
-        chosen_mask,
-        rejected_mask,
-        quantile=quantile,
-    )
     return dpo_loss(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        chosen_selected,
-        rejected_selected,
-        beta=beta,
+        policy_chosen_logps, policy_rejected_logps, anchor_chosen_logps, anchor_rejected_logps,
+        chosen_selected_mask, rejected_selected_mask, beta=beta, label_smoothing=0.0,
+    )
+
+
+def selective_ref_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_selected_mask: Tensor,
+    rejected_selected_mask: Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """Reference-anchored selective loss: DPO log-ratios summed over the ORACLE-selected tokens only.
+
+    selpo's ablation, not a published method: SePO's offline selection (Yang et al., arXiv 2408.13518; the
+    selection stage's `selected` masks) with DPO's anchored loss (Rafailov et al. 2023) instead of SePO's
+    reference-free one, so the selection can be judged apart from the loss:
+    L = -log sigma(beta * [sum_{S_w}(logp - logp_ref) - sum_{S_l}(logp - logp_ref)]).
+    Same formula as `selective_dpo_loss`, whose masks come from the policy at every step instead.
+    Rewards: beta * selected log-ratio sums.
+    """
+    return dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        chosen_selected_mask, rejected_selected_mask, beta=beta, label_smoothing=0.0,
     )
 
 
@@ -213,8 +227,8 @@ def tdpo_loss(
     rejected_kl: Tensor,
     *,
     variant: Literal["tdpo1", "tdpo2"],
-    beta: float = 0.1,
-    alpha: float = 0.5,
+    beta: float,
+    alpha: float,
 ) -> LossOutput:
     """TDPO, Zeng et al. 2024, "Token-level Direct Preference Optimization" (ICML 2024, arXiv 2404.11999).
 
@@ -248,9 +262,9 @@ def tso_dual_clip_loss(
     chosen_mask: Tensor,
     rejected_mask: Tensor,
     *,
-    beta: float = 0.1,
-    chosen_reward_max: float = 5.0,
-    rejected_reward_min: float = -5.0,
+    beta: float,
+    chosen_reward_max: float,
+    rejected_reward_min: float,
 ) -> LossOutput:
     """Dual-clip DPO for TSO, after Chen et al., "Self-Training with Scaled Preference Optimization"
     (arXiv 2409.02118).
@@ -267,4 +281,115 @@ def tso_dual_clip_loss(
     rejected_reward = beta * rejected_ratio
     clipped = chosen_reward.clamp(max=chosen_reward_max) - rejected_reward.clamp(min=rejected_reward_min)
     losses = -F.logsigmoid(clipped)
+    return losses, chosen_reward.detach(), rejected_reward.detach()
+
+
+# ------------------------------------------------------------------------ token-weighted and confidence-based
+
+
+def _weighted_log_ratio_sum(policy_logps: Tensor, ref_logps: Tensor, weights: Tensor, mask: Tensor) -> Tensor:
+    """sum_t w_t * (logp_t - logp_ref_t) over `mask` [B]; weights are constants (no gradient).
+
+    Off-mask weights are zeroed first: a NaN weight there would otherwise turn the zero gradient of the masked
+    product into NaN (0 * NaN).
+    """
+    weights = torch.where(mask, weights.detach().float(), 0.0)
+    return masked_sum((policy_logps.float() - ref_logps.float()) * weights, mask)
+
+
+def tgdpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_token_rewards: Tensor,
+    rejected_token_rewards: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    *,
+    beta: float,
+    alpha: float,
+) -> LossOutput:
+    """TGDPO, Zhu et al., "TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference
+    Optimization" (ICML 2025, arXiv 2506.14574; official trainer dvlab-research/TGDPO, loss_type "sigmoid").
+
+    `*_token_rewards` are r_t = log pi_oracle(y_t) - log pi_ref(y_t), the oracle's RAW per-token log-ratio
+    (the official trainer scales it by beta itself). Per-token weights: chosen beta * (1 + alpha * beta * r_t),
+    rejected beta * (1 - alpha * beta * r_t); L = -log sigma(sum_w w_t (logp - logp_ref) - sum_l w_t (logp -
+    logp_ref)). As in the official code the weights are not clipped: a weight goes negative when
+    alpha * beta * |r_t| > 1 and is used as it is. alpha = 0 is DPO. Rewards: the weighted sums (their
+    difference is the logit; the official trainer logs the unweighted beta * (S - S^ref) instead).
+    """
+    chosen_weights = beta * (1.0 + alpha * beta * torch.where(chosen_mask, chosen_token_rewards.float(), 0.0))
+    rejected_weights = beta * (1.0 - alpha * beta * torch.where(rejected_mask, rejected_token_rewards.float(), 0.0))
+    chosen_reward = _weighted_log_ratio_sum(policy_chosen_logps, ref_chosen_logps, chosen_weights, chosen_mask)
+    rejected_reward = _weighted_log_ratio_sum(policy_rejected_logps, ref_rejected_logps, rejected_weights,
+                                              rejected_mask)
+    losses = -F.logsigmoid(chosen_reward - rejected_reward)
+    return losses, chosen_reward.detach(), rejected_reward.detach()
+
+
+def tis_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_weights: Tensor,
+    rejected_weights: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """TIS-DPO, Liu et al., "TIS-DPO: Token-level Importance Sampling for Direct Preference Optimization With
+    Estimated Weights" (ICLR 2025, arXiv 2410.04350; official exlaw/TIS-DPO `tisdpo_loss`, token_level off).
+
+    DPO with each token's log-ratio multiplied by its importance weight (stored offline, see
+    `token_weights.tis_dpo_weights`): L = -log sigma(beta * [sum_w w_t (logp - logp_ref) - sum_l w_t (logp -
+    logp_ref)]). All weights 1 is DPO. The official data pipeline gives EOS weight 0 (weights are estimated on
+    the text tokens only); pass weights that are 0 there to match it. Rewards: beta * weighted sums (as the
+    official code reports).
+    """
+    chosen_ratio = _weighted_log_ratio_sum(policy_chosen_logps, ref_chosen_logps, chosen_weights, chosen_mask)
+    rejected_ratio = _weighted_log_ratio_sum(policy_rejected_logps, ref_rejected_logps, rejected_weights,
+                                             rejected_mask)
+    losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def confpo_mask(policy_logps: Tensor, mask: Tensor) -> Tensor:
+    """ConfPO's kept tokens [B, T]: probability under the policy below the response's mean token probability.
+
+    The mean is of PROBABILITIES exp(logp) over `mask` (official: log of the mean of exp(logp), compared with
+    logp; exp is monotone so this is the same set), strictly below it, on detached values (no gradient
+    through the mask). Float64, so a one-token response (p == mean) reliably keeps nothing.
+    """
+    with torch.no_grad():
+        probs = torch.where(mask, policy_logps.double().exp(), 0.0)
+        mean_prob = probs.sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+        return mask & (probs < mean_prob)
+
+
+def confpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_kept_mask: Tensor,
+    rejected_kept_mask: Tensor,
+    *,
+    beta: float,
+    gamma: float,
+) -> LossOutput:
+    """ConfPO, Yoon et al., "ConfPO: Exploiting Policy Model Confidence for Critical Token Selection in
+    Preference Optimization" (ICML 2025, arXiv 2506.08712; official hee-suk-yoon/ConfPO `cpo_loss_confpo`).
+
+    SimPO on the low-confidence tokens only, no oracle and no reference: with the masks from `confpo_mask`
+    (built once per step), u = mean over kept tokens of logp and L = -log sigma(beta * (u_w - u_l) - gamma).
+    `gamma` is the absolute margin (TRL's simpo_gamma; `simpo_loss`'s gamma_beta_ratio * beta). A pair where
+    either side keeps no token is dropped as the official code drops it: its loss is 0 and it still counts in
+    the batch mean. Rewards: beta * u (0 for a side with no kept token).
+    """
+    chosen_reward = beta * masked_mean(policy_chosen_logps, chosen_kept_mask)
+    rejected_reward = beta * masked_mean(policy_rejected_logps, rejected_kept_mask)
+    kept_pair = chosen_kept_mask.any(dim=-1) & rejected_kept_mask.any(dim=-1)
+    losses = torch.where(kept_pair, -F.logsigmoid(chosen_reward - rejected_reward - gamma), 0.0)
     return losses, chosen_reward.detach(), rejected_reward.detach()

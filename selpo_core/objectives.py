@@ -98,8 +98,8 @@ def make_preference_step(method: str, params: LossParams, ref_model: Any | None)
                 chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_mask, rejected_mask,
                 quantile=params.sdpo_quantile,
             )
-            out = losses.selective_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_mask,
-                                            rejected_mask, beta=params.beta, quantile=params.sdpo_quantile)
+            out = losses.selective_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_selected,
+                                            rejected_selected, beta=params.beta)
             metrics.update(_selected_fractions(chosen_selected, rejected_selected, chosen_mask, rejected_mask))
         elif method in ("tdpo1", "tdpo2"):
             ref_chosen, ref_rejected = split_pair(ref_logps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -64,3 +64,84 @@ def selection_precision(chosen_selected: Sequence[bool], chosen_labels: Sequence
         "selection_precision_chance": float((chosen_hit.sum() + rejected_hit.sum())
                                             / max(1, chosen_hit.size + rejected_hit.size)),
     }
+
+
+def key_recall(chosen_selected: Sequence[bool], chosen_labels: Sequence[int],
+               rejected_selected: Sequence[bool], rejected_labels: Sequence[int]) -> dict[str, float]:
+    """Fraction of the true key tokens that the selection keeps: positive keys of chosen responses, negative keys
+    of rejected responses, and both pooled (NaN where a side has no key). The headline of a selection: its
+    precision cannot exceed the key rate / k (about 0.34 at k = 0.3 on the built-in task), its recall can be 1."""
+    chosen_key = np.asarray(chosen_labels) == 1
+    rejected_key = np.asarray(rejected_labels) == -1
+    chosen_hits = int(np.asarray(chosen_selected, dtype=bool)[chosen_key].sum())
+    rejected_hits = int(np.asarray(rejected_selected, dtype=bool)[rejected_key].sum())
+    n_chosen, n_rejected = int(chosen_key.sum()), int(rejected_key.sum())
+
+    def ratio(hits: int, n: int) -> float:
+        return hits / n if n else float("nan")
+
+    return {
+        "key_recall": ratio(chosen_hits + rejected_hits, n_chosen + n_rejected),
+        "key_recall_chosen": ratio(chosen_hits, n_chosen),
+        "key_recall_rejected": ratio(rejected_hits, n_rejected),
+    }
+
+
+def precision_at_key_rate(chosen_rewards: Sequence[float], chosen_labels: Sequence[int],
+                          rejected_rewards: Sequence[float], rejected_labels: Sequence[int]) -> dict[str, float]:
+    """Precision of the oracle's ranking when it keeps exactly as many tokens as there are keys (R-precision).
+
+    Per side over all of that side's tokens pooled: chosen keeps its n_+ highest rewards (n_+ = its positive
+    keys), rejected its n_- lowest (n_- = its negative keys); the value is the fraction of kept tokens that are
+    those keys (equal to the recall at that point; 1 for a perfect ranking, the key rate for a random one).
+    Ties go to the earlier token. Pooled: hits of both sides over n_+ + n_-. `key_rate` is n_keys / n_tokens.
+    """
+    out: dict[str, float] = {}
+    hits_total = keys_total = tokens_total = 0
+    for side, rewards, labels, key, sign in (("chosen", chosen_rewards, chosen_labels, 1, -1.0),
+                                             ("rejected", rejected_rewards, rejected_labels, -1, 1.0)):
+        is_key = np.asarray(labels) == key
+        n_keys = int(is_key.sum())
+        order = np.argsort(sign * np.asarray(rewards, dtype=np.float64), kind="stable")
+        hits = int(is_key[order[:n_keys]].sum())
+        out[f"precision_at_key_rate_{side}"] = hits / n_keys if n_keys else float("nan")
+        hits_total, keys_total, tokens_total = hits_total + hits, keys_total + n_keys, tokens_total + is_key.size
+    out["precision_at_key_rate"] = hits_total / keys_total if keys_total else float("nan")
+    out["key_rate"] = keys_total / tokens_total if tokens_total else float("nan")
+    return out
+
+
+def score_truth_metrics(rows: Sequence[dict], labels: Sequence[Sequence[int]],
+                        special_token_ids: Collection[int]) -> dict[str, float]:
+    """The score stage's truth metrics from scored rows (`side`, `token_ids`, `rewards`) and each row's key
+    labels (+1 / -1 / 0 per token, `synthetic.GroundTruth.key_labels`).
+
+    - token_auroc{,_positive,_negative}: over every response token, EOS included (the historical number);
+    - token_auroc_no_special{,_positive,_negative}: the same without `special_token_ids` (EOS...), i.e. over
+      the tokens the default selection ranks. Report both: EOS is a filler here, and an oracle that pushes
+      EOS down in rejected responses (it does, more so at higher oracle beta) looks worse on the first;
+    - precision_at_key_rate{,_chosen,_rejected} and key_rate: over the non-special tokens.
+    """
+    special = np.fromiter(special_token_ids, dtype=np.int64)
+    flat = {key: ([], []) for key in ("chosen", "rejected", "chosen_text", "rejected_text")}
+    for row, row_labels in zip(rows, labels, strict=True):
+        rewards = np.asarray(row["rewards"], dtype=np.float64)
+        side_labels = np.asarray(row_labels, dtype=np.int64)
+        if rewards.shape != side_labels.shape:
+            raise ValueError(f"example {row.get('example_id')} ({row['side']}): {rewards.size} rewards but "
+                             f"{side_labels.size} labels")
+        text = ~np.isin(np.asarray(row["token_ids"], dtype=np.int64), special)
+        for key, keep in ((row["side"], slice(None)), (f"{row['side']}_text", text)):
+            flat[key][0].append(rewards[keep])
+            flat[key][1].append(side_labels[keep])
+
+    def joined(key: str) -> tuple[np.ndarray, np.ndarray]:
+        values, side_labels = flat[key]
+        return (np.concatenate(values) if values else np.zeros(0),
+                np.concatenate(side_labels) if side_labels else np.zeros(0, dtype=np.int64))
+
+    everything = token_auroc(*joined("chosen"), *joined("rejected"))
+    text_only = token_auroc(*joined("chosen_text"), *joined("rejected_text"))
+    return {**everything,
+            **{name.replace("token_auroc", "token_auroc_no_special"): value for name, value in text_only.items()},
+            **precision_at_key_rate(*joined("chosen_text"), *joined("rejected_text"))}

@@ -4,30 +4,30 @@ A batch of ragged per-response sequences (token rewards or scores) is a padded f
 ``rewards [N, L]`` plus a bool ``mask [N, L]`` that is True on real response tokens (EOS included, see
 docs/CONTRACTS.md). Padding is found from the mask only, never from values, and may sit anywhere in a row.
 Every rule returns a bool ``selected [N, L]`` that is a subset of ``mask``; no gradient flows through it.
+Tokens that must never be selected (EOS, BOS, pad, chat-template markers) are simply left out of ``mask``:
+counts then follow the selectable tokens, max(1, floor(k * n_selectable)) (see ``selection_stage``).
 
 Rules (see shared/design/METHODS.md):
 - ``sepo_select`` / ``topk_mask``: SePO, per response, count = max(1, floor(k * n_tokens)); chosen keeps
   its highest rewards, rejected its lowest; ties go to the earliest position.
 - ``global_threshold_select``: one threshold per side over all tokens of that side (a dataset-global
   variant; short responses may get no token).
-- ``quantile_select``: Selective-DPO, keep tokens scoring >= their own sequence's q-quantile.
 
-Fractions ``k`` and ``q`` are read as exact rationals (nearest fraction with denominator <= 10**6), so
-0.29 * 100 gives 29 tokens and the 0.3-quantile of 11 values is exactly the 4th smallest; plain float
-arithmetic gets 28 and a threshold a hair above the 4th smallest (which then drops that token).
+Fractions ``k`` are read as exact rationals (nearest fraction with denominator <= 10**6), so 0.29 * 100
+gives 29 tokens and the 0.3-quantile of 11 values is exactly the 4th smallest; plain float arithmetic gets 28
+and a threshold a hair above the 4th smallest (which then drops that token). Selective-DPO's per-step
+quantile rule lives with its loss (``losses.selective_dpo_masks``).
 
 ``transfer_rewards`` maps one response's token rewards between two tokenizers through the character spans
-(offset mappings) of the shared response text; ``same_tokenizer`` tells callers when that is an identity.
+(offset mappings) of the shared response text; with identical offsets it is an exact identity.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any
 
 import numpy as np
 import torch
@@ -106,18 +106,6 @@ def sepo_select(
     )
 
 
-def count_unselectable(mask: torch.Tensor, k: float) -> int:
-    """Number of responses from which ``topk_mask`` selects nothing, to be reported, not dropped.
-
-    With count = max(1, floor(k * n)) these are exactly the responses with no token; ``k`` is taken so the
-    count follows the same rule (and validation) as the selection.
-    """
-    if mask.dim() != 2 or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a 2-D bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-    counts = _select_counts(mask.sum(dim=1), _as_fraction(k, "k", lo_open=True))
-    return int((counts == 0).sum())
-
-
 def _row_quantiles(values: torch.Tensor, mask: torch.Tensor, q: Fraction) -> torch.Tensor:
     """Linear-interpolation q-quantile of each row's masked values ([N], float64; NaN for empty rows).
 
@@ -182,34 +170,6 @@ def global_threshold_select(
         side(chosen_rewards, chosen_mask, q_chosen, upper=True),
         side(rejected_rewards, rejected_mask, q_rejected, upper=False),
     )
-
-
-def quantile_select(
-    chosen_scores: torch.Tensor,
-    chosen_mask: torch.Tensor,
-    rejected_scores: torch.Tensor,
-    rejected_mask: torch.Tensor,
-    quantile: float = 0.6,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selective-DPO: in each sequence keep tokens whose score >= that sequence's ``quantile``-quantile
-    over its own tokens (linear interpolation). Scores are already oriented per side (chosen:
-    logp_ref - logp_theta, rejected: logp_theta - logp_ref), so the same rule applies to both.
-    Every non-empty row keeps at least one token; empty rows keep none.
-    """
-    _check_batch(chosen_scores, chosen_mask, "quantile_select(chosen)")
-    _check_batch(rejected_scores, rejected_mask, "quantile_select(rejected)")
-    q = _as_fraction(quantile, "quantile", lo_open=False)
-
-    def side(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        v = scores.detach().to(torch.float64)
-        threshold = _row_quantiles(v, mask, q)
-        # The quantile never exceeds the row maximum in exact arithmetic; clamping guards the lerp's
-        # rounding so the row's best token is always kept.
-        row_max = v.masked_fill(~mask, float("-inf")).amax(dim=1)
-        threshold = torch.minimum(threshold, row_max)
-        return mask & (v >= threshold.unsqueeze(1))
-
-    return side(chosen_scores, chosen_mask), side(rejected_scores, rejected_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,35 +269,3 @@ def transfer_rewards(
             matches = src_empty.get(pos, [])
             out[j] = matches[nth] if nth < len(matches) else 0.0
     return [float(x) for x in out]
-
-
-def _backend_spec(tok: Any) -> dict[str, Any] | None:
-    """The fast tokenizer's full serialized pipeline (model incl. merges, normalizer, pre-tokenizer,
-    post-processor, added tokens) minus runtime truncation/padding settings, which don't change tokens."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    spec = json.loads(backend.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
-    return spec
-
-
-def same_tokenizer(tok_a: Any, tok_b: Any) -> bool:
-    """True when two (HF) tokenizers tokenize identically, so token rewards can be reused as they are.
-
-    Compares class name, vocab, special tokens, chat template, and for fast tokenizers the whole backend
-    pipeline: an equal vocab alone is not enough (two BPEs with the same vocab but different merges split
-    words differently). Errs towards False, which is harmless: transfer through offsets of identical
-    tokenizations is an exact identity anyway.
-    """
-    if tok_a is tok_b:
-        return True
-    if type(tok_a).__name__ != type(tok_b).__name__:
-        return False
-    if tok_a.get_vocab() != tok_b.get_vocab():
-        return False
-    for attr in ("special_tokens_map", "all_special_ids", "chat_template"):
-        if getattr(tok_a, attr, None) != getattr(tok_b, attr, None):
-            return False
-    return _backend_spec(tok_a) == _backend_spec(tok_b)

@@ -1,16 +1,21 @@
-"""The select stage: stored token rewards -> policy-token rewards -> selected mask, heatmap, precision.
+"""The select stage: stored token rewards -> policy-token rewards -> selected mask, heatmap, truth metrics.
 
 Scores are on the reference/oracle tokenizer. When the policy's tokenizer differs (weak-to-strong across model
 families), rewards move onto the policy's tokens through character offsets (`selection.transfer_rewards`);
 with the same tokenization the transfer is an exact identity.
+
+Special tokens of the policy tokenizer (`special_token_ids`) are never selected when
+`SelectConfig.exclude_special_tokens` is on (the default): per response, count = max(1, floor(k * n_selectable))
+over the other tokens. Their rewards are still written, so the heatmap shows them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -55,49 +60,81 @@ def _policy_rows(score_rows: dict[tuple[str, str], dict[str, Any]], policy_pairs
     return rows
 
 
-def _padded(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids selection must never pick: `tokenizer.all_special_ids` (EOS, BOS, pad, unk, ...) plus every added
+    token marked special (chat-template markers such as <|im_start|>, which `all_special_ids` leaves out)."""
+    ids = {int(i) for i in tokenizer.all_special_ids}
+    ids |= {int(i) for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items() if added.special}
+    return frozenset(ids)
+
+
+def _padded(rows: list[dict], excluded: Collection[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards [N, L] and the mask of SELECTABLE tokens (real tokens whose id is not in `excluded`)."""
     length = max((len(row["rewards"]) for row in rows), default=0)
     rewards = torch.zeros(len(rows), max(length, 1), dtype=torch.float64)
     mask = torch.zeros(len(rows), max(length, 1), dtype=torch.bool)
+    excluded_array = np.fromiter(excluded, dtype=np.int64)
     for i, row in enumerate(rows):
         n = len(row["rewards"])
         rewards[i, :n] = torch.tensor(row["rewards"], dtype=torch.float64)
-        mask[i, :n] = True
+        selectable = ~np.isin(np.asarray(row["token_ids"], dtype=np.int64), excluded_array)
+        mask[i, :n] = torch.from_numpy(selectable)
     return rewards, mask
 
 
-def select_rows(cfg: SelectConfig, rows: list[dict]) -> dict[str, Any]:
-    """Fill `row["selected"]` for every row; return counts."""
+def select_rows(cfg: SelectConfig, rows: list[dict], special_token_ids: Collection[int]) -> dict[str, Any]:
+    """Fill `row["selected"]` for every row (rows carry `side`, `token_ids`, `rewards`); return counts.
+
+    `special_token_ids` (from `special_token_ids(policy_tokenizer)`) are left out of the selection when
+    `cfg.exclude_special_tokens`; with it off they compete like any token (and pass `()` if there are none).
+    """
+    excluded = special_token_ids if cfg.exclude_special_tokens else ()
     chosen = [row for row in rows if row["side"] == "chosen"]
     rejected = [row for row in rows if row["side"] == "rejected"]
-    chosen_rewards, chosen_mask = _padded(chosen)
-    rejected_rewards, rejected_mask = _padded(rejected)
+    chosen_rewards, chosen_mask = _padded(chosen, excluded)
+    rejected_rewards, rejected_mask = _padded(rejected, excluded)
     rule = selection.sepo_select if cfg.rule == "topk" else selection.global_threshold_select
     chosen_selected, rejected_selected = rule(chosen_rewards, chosen_mask, rejected_rewards, rejected_mask,
                                               k_chosen=cfg.k_chosen, k_rejected=cfg.k_rejected)
-    for side_rows, selected in ((chosen, chosen_selected), (rejected, rejected_selected)):
+    special = np.fromiter(special_token_ids, dtype=np.int64)
+    metrics: dict[str, Any] = {}
+    for side, side_rows, selected in (("chosen", chosen, chosen_selected), ("rejected", rejected, rejected_selected)):
+        n_tokens = n_special = n_special_selected = 0
         for i, row in enumerate(side_rows):
             row["selected"] = selected[i, : len(row["rewards"])].tolist()
-    empty = [row for row in rows if not any(row["selected"])]
-    return {
-        "selected_fraction/chosen": float(chosen_selected.sum() / chosen_mask.sum().clamp(min=1)),
-        "selected_fraction/rejected": float(rejected_selected.sum() / rejected_mask.sum().clamp(min=1)),
-        # Reported, not dropped: such a response contributes nothing to the SePO loss (mean over 0 tokens = 0).
-        "responses_without_selection": len(empty),
-    }
+            is_special = np.isin(np.asarray(row["token_ids"], dtype=np.int64), special)
+            n_tokens += len(row["rewards"])
+            n_special += int(is_special.sum())
+            n_special_selected += int((is_special & np.asarray(row["selected"], dtype=bool)).sum())
+        n_selected = int(selected.sum())
+        metrics[f"selected_fraction/{side}"] = n_selected / max(1, n_tokens)
+        # Of the selected tokens, the share that are special (EOS...): 0 when they are excluded.
+        metrics[f"special_selected_fraction/{side}"] = n_special_selected / max(1, n_selected)
+        metrics[f"special_token_fraction/{side}"] = n_special / max(1, n_tokens)
+    # Reported, not dropped: such a response contributes nothing to the SePO loss (mean over 0 tokens = 0).
+    metrics["responses_without_selection"] = sum(1 for row in rows if not any(row["selected"]))
+    return metrics
 
 
 def write_selection(cfg: SelectConfig, scores_dir: Path, policy_pairs: Sequence[Any], out_dir: Path, *,
-                    truth_dir: Path | None) -> dict[str, Any]:
+                    special_token_ids: Collection[int], truth_dir: Path | None) -> dict[str, Any]:
+    """selection.parquet + token_heatmap.html into `out_dir`; returns the stage metrics.
+
+    `special_token_ids`: `special_token_ids(policy_tokenizer)` (the ids of the policy tokenizer, on whose
+    tokens the selection is made). `truth_dir`: the synthetic task directory, for the truth metrics
+    (`selection_truth_metrics`); None for user data.
+    """
     from selpo_core.heatmap import write_heatmap
     from selpo_core.scoring import read_scores, scores_to_pair_lookup
 
     rows = _policy_rows(scores_to_pair_lookup(read_scores(scores_dir)), policy_pairs)
-    metrics = select_rows(cfg, rows)
+    metrics = select_rows(cfg, rows, special_token_ids)
     pq.write_table(pa.Table.from_pylist(rows, schema=SELECTION_SCHEMA), out_dir / "selection.parquet")
     if truth_dir is not None:
-        metrics.update(_precision(rows, truth_dir))
-        _attach_truth(rows, truth_dir)
+        labels = _truth_labels(rows, truth_dir)
+        metrics.update(selection_truth_metrics(rows, labels, special_token_ids))
+        for row, row_labels in zip(rows, labels):  # heatmap tooltips show the true token reward
+            row["true_rewards"] = [float(label) for label in row_labels]
     write_heatmap(rows, out_dir / "token_heatmap.html", title="selpo token rewards (selected tokens boxed)")
     return metrics
 
@@ -109,19 +146,21 @@ def _truth_labels(rows: list[dict], truth_dir: Path) -> list[list[int]]:
     return [truth.key_labels(list(zip(row["offset_start"], row["offset_end"])), row["text"]) for row in rows]
 
 
-def _precision(rows: list[dict], truth_dir: Path) -> dict[str, float]:
-    from selpo_core.oracle_quality import selection_precision
+def selection_truth_metrics(rows: list[dict], labels: Sequence[Sequence[int]],
+                            special_token_ids: Collection[int]) -> dict[str, float]:
+    """Truth metrics on the POLICY's tokens (after any cross-tokenizer transfer) of rows with `side`,
+    `token_ids`, `rewards` and `selected`, given each row's key labels (+1 / -1 / 0 per token): selection
+    precision, key-token recall, and `oracle_quality.score_truth_metrics` (token AUROC with and without special
+    tokens, precision at the key rate)."""
+    from selpo_core import oracle_quality
 
-    labels = _truth_labels(rows, truth_dir)
     flat: dict[str, tuple[list[bool], list[int]]] = {"chosen": ([], []), "rejected": ([], [])}
-    for row, row_labels in zip(rows, labels):
+    for row, row_labels in zip(rows, labels, strict=True):
         selected, side_labels = flat[row["side"]]
         selected.extend(row["selected"])
         side_labels.extend(row_labels)
-    return selection_precision(*flat["chosen"], *flat["rejected"])
-
-
-def _attach_truth(rows: list[dict], truth_dir: Path) -> None:
-    """Heatmap tooltips show the true token reward next to the oracle's."""
-    for row, labels in zip(rows, _truth_labels(rows, truth_dir)):
-        row["true_rewards"] = [float(label) for label in labels]
+    return {
+        **oracle_quality.selection_precision(*flat["chosen"], *flat["rejected"]),
+        **oracle_quality.key_recall(*flat["chosen"], *flat["rejected"]),
+        **oracle_quality.score_truth_metrics(rows, labels, special_token_ids),
+    }

@@ -1,7 +1,8 @@
 """The built-in task with known token rewards (see shared/design/SYNTHETIC.md).
 
-A response is a sequence of words. Filler words are worth 0, positive key words +1, negative key words -1,
-and the true reward of a response is the sum. Because the per-word truth is known, every later stage can be
+A response is a sequence of words. Filler words are worth 0, positive key words +1, negative key words -1
+(or graded: `positive_rewards` / `negative_rewards` give several magnitudes, spread evenly over the key
+words), and the true reward of a response is the sum. Because the per-word truth is known, every later stage can be
 checked against it: oracle token rewards (AUROC against key-word membership), selection precision, and the
 true-reward gain of the trained policy.
 
@@ -57,7 +58,6 @@ P_TOPIC = 0.8
 """Probability that a filler word comes from the prompt topic's preferred subset (else any filler)."""
 TOPIC_SHARE = 0.125
 """Size of a topic's preferred filler subset, as a fraction of all fillers."""
-POSITIVE_REWARD, NEGATIVE_REWARD = 1.0, -1.0
 
 # Pronounceable pseudo-words: 2-3 consonant-vowel syllables (75 syllables -> >400k distinct words).
 _SYLLABLES = tuple(c + v for c in "bdfghklmnprstvz" for v in "aeiou")
@@ -186,6 +186,14 @@ def build_tokenizer(vocab: Vocabulary) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def key_word_rewards(cfg: SyntheticConfig, vocab: Vocabulary) -> dict[str, float]:
+    """The true reward of every key word: key word i of a sign gets that sign's rewards[i % len] (filler: 0)."""
+    positive = cfg.positive_rewards
+    negative = cfg.negative_rewards
+    return ({w: positive[i % len(positive)] for i, w in enumerate(vocab.positive)}
+            | {w: negative[i % len(negative)] for i, w in enumerate(vocab.negative)})
+
+
 def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -196,7 +204,7 @@ def write_task(cfg: SyntheticConfig, out_dir: Path) -> dict[str, int]:
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = make_vocabulary(cfg)
     train_prompts, heldout = make_prompts(cfg)
-    rewards = {w: POSITIVE_REWARD for w in vocab.positive} | {w: NEGATIVE_REWARD for w in vocab.negative}
+    rewards = key_word_rewards(cfg, vocab)
 
     sft_rng = _rng(cfg, "sft")
     sft_rows = []
@@ -308,5 +316,5 @@ class GroundTruth:
 
 __all__ = [
     "SPECIAL_TOKENS", "CHAT_TEMPLATE", "WORD_PATTERN", "Prompt", "Vocabulary", "make_vocabulary",
-    "make_prompts", "sample_response", "build_tokenizer", "write_task", "GroundTruth",
+    "make_prompts", "sample_response", "build_tokenizer", "key_word_rewards", "write_task", "GroundTruth",
 ]

@@ -99,9 +99,12 @@ def run_select(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
     """selection.parquet (example_id, side, token_ids, rewards, selected) and token_heatmap.html."""
     from selpo_core import models, selection_stage
 
-    policy_pairs = tokenized_pairs(cfg, inputs["data"], models.load_tokenizer(inputs["policy_init"]))
+    policy_tokenizer = models.load_tokenizer(inputs["policy_init"])
+    policy_pairs = tokenized_pairs(cfg, inputs["data"], policy_tokenizer)
     data_dir = Path(inputs["data"])
     truth_dir = data_dir if (data_dir / "task.json").is_file() else None
-    out.metrics.update(selection_stage.write_selection(cfg.select, Path(inputs["scores"]) / "scores", policy_pairs,
-                                                       out.work_dir, truth_dir=truth_dir))
+    out.metrics.update(selection_stage.write_selection(
+        cfg.select, Path(inputs["scores"]) / "scores", policy_pairs, out.work_dir,
+        special_token_ids=selection_stage.special_token_ids(policy_tokenizer), truth_dir=truth_dir,
+    ))
     save_config(cfg.select, out.work_dir / "config.yaml")

@@ -6,6 +6,7 @@ leak in, row 1 of the chosen side has a real token with log-prob exactly 0, and 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -13,11 +14,13 @@ import pytest
 import torch
 from torch import Tensor
 
+import selpo_core.losses as losses_module
 from selpo_core.losses import (
     dpo_loss,
     ipo_loss,
     selective_dpo_loss,
     selective_dpo_masks,
+    selective_ref_dpo_loss,
     sepo_loss,
     simpo_loss,
     tdpo_loss,
@@ -67,7 +70,7 @@ def check(actual: Tensor, expected: list[float]) -> None:
 
 def test_dpo_hand_values_and_rewards() -> None:
     beta = 0.1
-    losses, chosen_r, rejected_r = dpo_loss(*dpo_args(grad=True), beta=beta)
+    losses, chosen_r, rejected_r = dpo_loss(*dpo_args(grad=True), beta=beta, label_smoothing=0.0)
     check(losses, [neg_logsig(beta * (w - lo)) for w, lo in zip(RATIO_W, RATIO_L, strict=True)])
     check(chosen_r, [beta * -0.5, beta * 0.75])
     check(rejected_r, [beta * -1.0, beta * -1.0])
@@ -82,11 +85,10 @@ def test_cdpo_label_smoothing_hand_values() -> None:
 
 
 def test_cdpo_with_zero_smoothing_is_dpo() -> None:
-    plain, _, _ = dpo_loss(*dpo_args(), beta=0.3)
     smoothed, _, _ = dpo_loss(*dpo_args(), beta=0.3, label_smoothing=0.0)
-    torch.testing.assert_close(smoothed, plain)
+    check(smoothed, [neg_logsig(0.3 * 0.5), neg_logsig(0.3 * 1.75)])
     with pytest.raises(ValueError, match="label_smoothing"):
-        dpo_loss(*dpo_args(), label_smoothing=0.5)
+        dpo_loss(*dpo_args(), beta=0.3, label_smoothing=0.5)
 
 
 def test_ipo_uses_summed_log_ratios() -> None:
@@ -121,15 +123,15 @@ def test_sepo_one_token_selections() -> None:
     check(losses, [neg_logsig(w - lo - margin) for w, lo in zip(exp_u_w, exp_u_l, strict=True)])
 
 
-def test_sepo_defaults_are_code_defaults() -> None:
-    losses, _, _ = sepo_loss(t(PW), t(PL), t(MASK_W), t(MASK_L))
+def test_sepo_with_the_official_code_values() -> None:
+    losses, _, _ = sepo_loss(t(PW), t(PL), t(MASK_W), t(MASK_L), gamma=1.0, margin=0.0)
     check(losses, [neg_logsig(-1.5 - (-5.0 / 3)), neg_logsig(-0.25 - (-4.0))])
 
 
 def test_tdpo_hand_values() -> None:
     beta, alpha = 0.1, 0.5
     h = [w - lo for w, lo in zip(RATIO_W, RATIO_L, strict=True)]
-    one, r_w, _ = tdpo_loss(*dpo_args(), t(KW), t(KLL), variant="tdpo1", beta=beta)
+    one, r_w, _ = tdpo_loss(*dpo_args(), t(KW), t(KLL), variant="tdpo1", beta=beta, alpha=alpha)
     check(one, [neg_logsig(beta * (h[i] - (D_L[i] - D_W[i]))) for i in range(2)])
     check(r_w, [beta * r for r in RATIO_W])
     two, _, _ = tdpo_loss(*dpo_args(), t(KW), t(KLL), variant="tdpo2", beta=beta, alpha=alpha)
@@ -137,9 +139,9 @@ def test_tdpo_hand_values() -> None:
 
 
 def test_tdpo_reduces_to_dpo() -> None:
-    dpo, _, _ = dpo_loss(*dpo_args(), beta=0.2)
+    dpo, _, _ = dpo_loss(*dpo_args(), beta=0.2, label_smoothing=0.0)
     zeros = torch.zeros(2, 4)
-    tdpo1, _, _ = tdpo_loss(*dpo_args(), zeros, zeros, variant="tdpo1", beta=0.2)
+    tdpo1, _, _ = tdpo_loss(*dpo_args(), zeros, zeros, variant="tdpo1", beta=0.2, alpha=0.5)
     tdpo2, _, _ = tdpo_loss(*dpo_args(), t(KW), t(KLL), variant="tdpo2", beta=0.2, alpha=0.0)
     torch.testing.assert_close(tdpo1, dpo)
     torch.testing.assert_close(tdpo2, dpo)
@@ -147,15 +149,15 @@ def test_tdpo_reduces_to_dpo() -> None:
 
 def test_tdpo_variant_must_be_explicit_and_valid() -> None:
     with pytest.raises(ValueError, match=r"tdpo1.*tdpo2"):
-        tdpo_loss(*dpo_args(), t(KW), t(KLL), variant="tdpo3")  # type: ignore[arg-type]
+        tdpo_loss(*dpo_args(), t(KW), t(KLL), variant="tdpo3", beta=0.1, alpha=0.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        tdpo_loss(*dpo_args(), t(KW), t(KLL))  # type: ignore[call-arg]
+        tdpo_loss(*dpo_args(), t(KW), t(KLL), beta=0.1, alpha=0.5)  # type: ignore[call-arg]
 
 
 def test_tdpo_kl_gradients() -> None:
     for variant, chosen_kl_has_grad in (("tdpo1", True), ("tdpo2", False)):
         kw, kl = t(KW, grad=True), t(KLL, grad=True)
-        losses, _, _ = tdpo_loss(*dpo_args(), kw, kl, variant=variant)  # type: ignore[arg-type]
+        losses, _, _ = tdpo_loss(*dpo_args(), kw, kl, variant=variant, beta=0.1, alpha=0.5)  # type: ignore[arg-type]
         losses.sum().backward()
         assert kl.grad is not None and (kl.grad[t(MASK_L)] > 0).all()  # more rejected KL -> higher loss
         assert torch.isfinite(kl.grad).all() and (kl.grad[~t(MASK_L)] == 0).all()
@@ -166,7 +168,7 @@ def test_tdpo_kl_gradients() -> None:
 
 
 def test_tso_dual_clip_equals_dpo_inside_bounds() -> None:
-    dpo, dpo_w, dpo_l = dpo_loss(*dpo_args(), beta=0.1)
+    dpo, dpo_w, dpo_l = dpo_loss(*dpo_args(), beta=0.1, label_smoothing=0.0)
     bounds = {"chosen_reward_max": 5.0, "rejected_reward_min": -5.0}  # |r| <= 0.1 * 1.0 here
     tso, tso_w, tso_l = tso_dual_clip_loss(*dpo_args(), beta=0.1, **bounds)
     torch.testing.assert_close(tso, dpo)
@@ -205,14 +207,16 @@ def with_ref(pw: Tensor, pl: Tensor) -> tuple[Tensor, ...]:
 
 ZEROS = torch.zeros(2, 4)
 GRAD_CASES: dict[str, LossFn] = {
-    "dpo": lambda pw, pl: dpo_loss(*with_ref(pw, pl))[0],
-    "cdpo": lambda pw, pl: dpo_loss(*with_ref(pw, pl), label_smoothing=0.1)[0],
-    "ipo": lambda pw, pl: ipo_loss(*with_ref(pw, pl))[0],
-    "simpo": lambda pw, pl: simpo_loss(pw, pl, t(MASK_W), t(MASK_L))[0],
-    "sepo": lambda pw, pl: sepo_loss(pw, pl, t(MASK_W), t(MASK_L))[0],
-    "tdpo1": lambda pw, pl: tdpo_loss(*with_ref(pw, pl), ZEROS, ZEROS, variant="tdpo1")[0],
-    "tdpo2": lambda pw, pl: tdpo_loss(*with_ref(pw, pl), t(KW), t(KLL), variant="tdpo2")[0],
-    "tso": lambda pw, pl: tso_dual_clip_loss(*with_ref(pw, pl))[0],
+    "dpo": lambda pw, pl: dpo_loss(*with_ref(pw, pl), beta=0.1, label_smoothing=0.0)[0],
+    "cdpo": lambda pw, pl: dpo_loss(*with_ref(pw, pl), beta=0.1, label_smoothing=0.1)[0],
+    "ipo": lambda pw, pl: ipo_loss(*with_ref(pw, pl), beta=0.1)[0],
+    "simpo": lambda pw, pl: simpo_loss(pw, pl, t(MASK_W), t(MASK_L), beta=2.0, gamma_beta_ratio=0.5)[0],
+    "sepo": lambda pw, pl: sepo_loss(pw, pl, t(MASK_W), t(MASK_L), gamma=1.0, margin=0.0)[0],
+    "tdpo1": lambda pw, pl: tdpo_loss(*with_ref(pw, pl), ZEROS, ZEROS, variant="tdpo1", beta=0.1, alpha=0.5)[0],
+    "tdpo2": lambda pw, pl: tdpo_loss(*with_ref(pw, pl), t(KW), t(KLL), variant="tdpo2", beta=0.1, alpha=0.5)[0],
+    "tso": lambda pw, pl: tso_dual_clip_loss(*with_ref(pw, pl), beta=0.1, chosen_reward_max=5.0,
+                                             rejected_reward_min=-5.0)[0],
+    "selective_ref_dpo": lambda pw, pl: selective_ref_dpo_loss(*with_ref(pw, pl), beta=0.1)[0],
 }
 
 
@@ -229,7 +233,7 @@ def test_gradient_direction_and_padding(name: str) -> None:
 
 def test_losses_are_float32_for_bf16_inputs() -> None:
     pw, pl = t(PW).bfloat16(), t(PL).bfloat16()
-    losses, chosen_r, _ = simpo_loss(pw, pl, t(MASK_W), t(MASK_L))
+    losses, chosen_r, _ = simpo_loss(pw, pl, t(MASK_W), t(MASK_L), beta=2.0, gamma_beta_ratio=0.5)
     assert losses.dtype == torch.float32 and chosen_r.dtype == torch.float32
 
 
@@ -268,6 +272,20 @@ def test_selective_dpo_masks_edge_cases() -> None:
         selective_dpo_masks(policy, policy, ref, ref, mask, mask, quantile=1.5)
 
 
+def test_selective_dpo_masks_hand_case_ties_single_and_empty_rows() -> None:
+    # Ported from the deleted selection.quantile_select tests: one rule, now only in selective_dpo_masks.
+    # chosen score = ref - policy (policy 0 here), rejected score = policy - ref (ref 0 here).
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 1.0, 9.0, 9.0, 9.0], [7.0, 9.0, 9.0, 9.0, 9.0],
+                           [9.0, 9.0, 9.0, 9.0, 9.0], [2.0, 2.0, 2.0, 9.0, 9.0]])
+    mask = torch.tensor([[T, T, T, T, T], [T, T, F, F, F], [T, F, F, F, F], [F, F, F, F, F], [T, T, T, F, F]])
+    zeros = torch.zeros(5, 5)
+    sel_w, sel_r = selective_dpo_masks(zeros, scores, scores, zeros, mask, mask, quantile=0.6)
+    # Row 0: position 0.6 * 4 = 2.4 -> 3 + 0.4 = 3.4: keeps 4, 5. Row 1: sorted 1, 3 -> 1 + 0.6 * 2 = 2.2:
+    # keeps 3. Row 2: the single token. Row 3: empty. Row 4: ties, all kept. Both sides score the same here.
+    expected = [[F, F, F, T, T], [T, F, F, F, F], [T, F, F, F, F], [F, F, F, F, F], [T, T, T, F, F]]
+    assert sel_w.tolist() == expected and sel_r.tolist() == expected
+
+
 def test_selective_dpo_loss_is_dpo_on_selected_sums_without_mask_gradient() -> None:
     beta = 0.5
     pw = torch.tensor([[0.0, -1.0, -4.0, -2.0]], requires_grad=True)
@@ -277,7 +295,9 @@ def test_selective_dpo_loss_is_dpo_on_selected_sums_without_mask_gradient() -> N
     mask = torch.tensor([[F, T, T, T]])
     # q=0.6 over 3 tokens: position 1.2. Chosen sorted [0, 1, 3] -> 1 + 0.2 * 2 = 1.4 -> keep t=2 only.
     # Rejected sorted [-2, 0, 1.5] -> 0 + 0.2 * 1.5 = 0.3 -> keep t=1 only.
-    losses, r_w, r_l = selective_dpo_loss(pw, pl, rw, rl, mask, mask, beta=beta, quantile=0.6)
+    sel_w, sel_l = selective_dpo_masks(pw, pl, rw, rl, mask, mask, quantile=0.6)
+    assert sel_w.tolist() == [[F, F, T, F]] and sel_l.tolist() == [[F, T, F, F]]
+    losses, r_w, r_l = selective_dpo_loss(pw, pl, rw, rl, sel_w, sel_l, beta=beta)
     ratio_w, ratio_l = -4.0 - (-1.0), -0.5 - (-2.0)
     check(losses, [neg_logsig(beta * (ratio_w - ratio_l))])
     check(r_w, [beta * ratio_w])
@@ -297,8 +317,39 @@ def test_selective_dpo_scorer_can_differ_from_anchor() -> None:
     # Scorer makes chosen t=1 (score 5) and rejected t=3 (score 4) the picks; the anchor stays rw/rl.
     sw = torch.tensor([[0.0, 4.0, -4.0, -2.0]])
     sl = torch.tensor([[0.0, -0.5, -3.0, -5.0]])
-    losses, _, _ = selective_dpo_loss(
-        pw, pl, rw, rl, mask, mask, beta=1.0, scorer_chosen_logps=sw, scorer_rejected_logps=sl
-    )
+    sel_w, sel_l = selective_dpo_masks(pw, pl, sw, sl, mask, mask, quantile=0.6)
+    assert sel_w.tolist() == [[F, T, F, F]] and sel_l.tolist() == [[F, F, F, T]]
+    losses, _, _ = selective_dpo_loss(pw, pl, rw, rl, sel_w, sel_l, beta=1.0)
     ratio_w, ratio_l = -1.0 - (-1.0), -1.0 - (-2.0)
     check(losses, [neg_logsig(ratio_w - ratio_l)])
+
+
+# ----------------------------------------------------------------------------- no hidden hyper-parameters
+
+
+def test_no_loss_hyper_parameter_has_a_default() -> None:
+    # The config is the one source of defaults; a keyword default here would be a second, drifting copy.
+    functions = [getattr(losses_module, name) for name in dir(losses_module)
+                 if name.endswith(("_loss", "_masks", "_mask")) and not name.startswith("_")]
+    assert len(functions) >= 12
+    for function in functions:
+        for param in inspect.signature(function).parameters.values():
+            assert param.default is inspect.Parameter.empty, f"{function.__name__}({param.name}=...) has a default"
+
+
+# ------------------------------------------------------------------------------- reference-anchored selective
+
+
+def test_selective_ref_dpo_sums_log_ratios_over_oracle_selected_tokens() -> None:
+    beta = 0.2
+    sel_w = t([[F, F, T, F], [F, T, F, T]])  # row 1 keeps the real logp-0 token
+    sel_l = t([[F, T, F, T], [F, F, T, F]])
+    losses, r_w, r_l = selective_ref_dpo_loss(t(PW), t(PL), t(RW), t(RL), sel_w, sel_l, beta=beta)
+    ratio_w = [-2.0 - (-1.0), (-0.5 - (-0.25)) + (0.0 - (-0.5))]  # [-1.0, 0.25]
+    ratio_l = [(-1.5 - (-1.0)) + (-3.0 - (-2.0)), -4.0 - (-3.0)]  # [-1.5, -1.0]
+    check(losses, [neg_logsig(beta * (w - lo)) for w, lo in zip(ratio_w, ratio_l, strict=True)])
+    check(r_w, [beta * r for r in ratio_w])
+    check(r_l, [beta * r for r in ratio_l])
+    # With the full masks it is DPO.
+    full, _, _ = selective_ref_dpo_loss(*dpo_args(), beta=beta)
+    check(full, [neg_logsig(beta * (w - lo)) for w, lo in zip(RATIO_W, RATIO_L, strict=True)])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from selpo_core.config import ConfigError, SyntheticConfig
+from selpo_core.config import ConfigError, SyntheticConfig, load_run_config
 from selpo_core.synthetic import (
     EOS,
     PAD,
@@ -192,3 +192,55 @@ def test_errors_are_clear(tmp_path: Path) -> None:
         write_task(SyntheticConfig(n_heldout_prompts=10_000), tmp_path)
     with pytest.raises(FileNotFoundError, match=r"task\.json"):
         GroundTruth.load(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------- graded rewards
+
+GRADED = dataclasses.replace(SMALL, positive_rewards=(0.25, 1.0, 3.0), negative_rewards=(-0.5, -2.0), p_key=0.3)
+
+
+def test_graded_rewards_spread_evenly_over_key_words(tmp_path: Path) -> None:
+    counts = write_task(GRADED, tmp_path)
+    truth, vocab = GroundTruth.load(tmp_path), make_vocabulary(GRADED)
+    # 6 positive words over 3 values -> 2 each; 6 negative words over 2 values -> 3 each; fillers worth 0.
+    assert Counter(truth.word_reward(w) for w in vocab.positive) == {0.25: 2, 1.0: 2, 3.0: 2}
+    assert Counter(truth.word_reward(w) for w in vocab.negative) == {-0.5: 3, -2.0: 3}
+    assert all(truth.word_reward(w) == 0.0 for w in vocab.filler)
+    # The same on-disk format: per-word truth beside every pair, sums consistent, chosen strictly better.
+    pairs, truths = _rows(tmp_path / "pairs.jsonl"), _rows(tmp_path / "truth.jsonl")
+    assert len(pairs) == counts["n_pairs"] and set(pairs[0]) == {"prompt", "chosen", "rejected"}
+    for pair, t in zip(pairs, truths, strict=True):
+        for side in ("chosen", "rejected"):
+            assert [r for _, _, r in truth.token_rewards(pair[side])] == t[f"{side}_word_rewards"]
+            assert truth.reward(pair[side]) == pytest.approx(t[f"{side}_reward"])
+        assert t["chosen_reward"] > t["rejected_reward"]
+    # Key labels stay signs whatever the magnitude.
+    text = f"{vocab.filler[0]} {vocab.positive[2]} {vocab.negative[1]}"
+    assert truth.key_labels([(s, e) for s, e, _ in truth.token_rewards(text)], text) == [0, 1, -1]
+
+
+def test_graded_task_has_its_own_key_density(tmp_path: Path) -> None:
+    write_task(GRADED, tmp_path)
+    truth = GroundTruth.load(tmp_path)
+    words = [w for r in _rows(tmp_path / "sft.jsonl") for w in r["completion"].split(" ")]
+    key_share = sum(truth.word_reward(w) != 0.0 for w in words) / len(words)
+    assert abs(key_share - GRADED.p_key) < 0.03 and abs(key_share - SMALL.p_key) > 0.1
+    # Magnitudes are drawn uniformly among a sign's key words: each graded value occurs.
+    assert {truth.word_reward(w) for w in words} == {0.0, 0.25, 1.0, 3.0, -0.5, -2.0}
+
+
+def test_graded_options_leave_the_default_draws_alone(tmp_path: Path) -> None:
+    # The reward values only relabel words: the same seed draws the same corpus, so the text is identical.
+    write_task(SMALL, tmp_path / "default")
+    write_task(dataclasses.replace(SMALL, positive_rewards=(2.0, 5.0), negative_rewards=(-3.0,)), tmp_path / "g")
+    assert (tmp_path / "default" / "sft.jsonl").read_bytes() == (tmp_path / "g" / "sft.jsonl").read_bytes()
+    assert SyntheticConfig().positive_rewards == (1.0,) and SyntheticConfig().negative_rewards == (-1.0,)
+
+
+def test_graded_reward_values_are_validated() -> None:
+    with pytest.raises(ConfigError, match="positive_rewards"):
+        SyntheticConfig(positive_rewards=(1.0, -1.0))
+    with pytest.raises(ConfigError, match="negative_rewards"):
+        SyntheticConfig(negative_rewards=())
+    cfg = load_run_config(None, ["synthetic.positive_rewards=[0.25, 1, 3]", "synthetic.negative_rewards=[-2]"])
+    assert cfg.synthetic.positive_rewards == (0.25, 1.0, 3.0) and cfg.synthetic.negative_rewards == (-2.0,)
