@@ -108,17 +108,21 @@ def collate_pairs(
     rejected_selected: Sequence[Sequence[bool]] | None = None,
     chosen_ref_logps: Sequence[Sequence[float]] | None = None,
     rejected_ref_logps: Sequence[Sequence[float]] | None = None,
+    chosen_values: Sequence[Sequence[float]] | None = None,
+    rejected_values: Sequence[Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """The pair batch of CONTRACTS.md, padded to the batch's longest row, plus `example_ids: list[str]`.
 
-    Per-response lists (`*_selected`, `*_ref_logps`) are aligned with that response's tokens (EOS included)
-    and are placed at its positions in the row; everything else in those tensors is False / 0.
+    Per-response lists (`*_selected`, `*_ref_logps`, `*_values`: stored per-token values such as TGDPO's
+    oracle rewards or TIS-DPO's weights, batch key `token_values`) are aligned with that response's tokens (EOS
+    included) and are placed at its positions in the row; everything else in those tensors is False / 0.
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
     n = len(pairs)
     selected = _both_sides("selected", chosen_selected, rejected_selected, n)
     ref = _both_sides("ref_logps", chosen_ref_logps, rejected_ref_logps, n)
+    values = _both_sides("values", chosen_values, rejected_values, n)
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompts = [p.prompt_ids for p in pairs] * 2
     ids = [p.example_id for p in pairs] * 2
@@ -128,22 +132,28 @@ def collate_pairs(
     loss_mask = torch.zeros((2 * n, width), dtype=torch.bool)
     selected_mask = torch.zeros((2 * n, width), dtype=torch.bool) if selected is not None else None
     ref_logps = torch.zeros((2 * n, width), dtype=torch.float32) if ref is not None else None
+    token_values = torch.zeros((2 * n, width), dtype=torch.float32) if values is not None else None
     for row, (prompt, resp) in enumerate(zip(prompts, responses)):
         start, end = len(prompt), len(prompt) + len(resp)
         input_ids[row, :end] = torch.tensor(list(prompt) + list(resp), dtype=torch.long)
         attention_mask[row, :end] = 1
         loss_mask[row, start:end] = True
         if selected is not None and selected_mask is not None:
-            values = _aligned(selected[row], resp, "selected", ids[row])
-            selected_mask[row, start:end] = torch.tensor(list(values), dtype=torch.bool)
+            aligned = _aligned(selected[row], resp, "selected", ids[row])
+            selected_mask[row, start:end] = torch.tensor(list(aligned), dtype=torch.bool)
         if ref is not None and ref_logps is not None:
-            values = _aligned(ref[row], resp, "ref_logps", ids[row])
-            ref_logps[row, start:end] = torch.tensor(list(values), dtype=torch.float32)
+            aligned = _aligned(ref[row], resp, "ref_logps", ids[row])
+            ref_logps[row, start:end] = torch.tensor(list(aligned), dtype=torch.float32)
+        if values is not None and token_values is not None:
+            aligned = _aligned(values[row], resp, "values", ids[row])
+            token_values[row, start:end] = torch.tensor(list(aligned), dtype=torch.float32)
     batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
     if selected_mask is not None:
         batch["selected_mask"] = selected_mask
     if ref_logps is not None:
         batch["ref_per_token_logps"] = ref_logps
+    if token_values is not None:
+        batch["token_values"] = token_values
     batch["example_ids"] = [p.example_id for p in pairs]
     return batch
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from selpo_core.artifacts import atomic_write_text
-from selpo_core.benchmarks_io import GenerationRecord
+from selpo_core.benchmarks_io import BENCHMARK_FILES, BENCHMARKS, GenerationRecord
 
 MT_BENCH_TEMPERATURES: dict[str, float] = {
     "writing": 0.7,
@@ -186,3 +186,15 @@ __all__ = [
     "write_arena_hard",
     "write_mt_bench",
 ]
+
+
+def write_benchmark_file(
+    benchmark: str, records: Sequence[GenerationRecord], out_dir: str | Path, model_name: str
+) -> Path | None:
+    """The benchmark's answer file in `out_dir` (`BENCHMARK_FILES`; formats: benchmark_formats.py); None for plain."""
+    if benchmark == "plain":
+        return None
+    writers = {"alpaca_eval": write_alpaca_eval, "arena_hard": write_arena_hard, "mt_bench": write_mt_bench}
+    if benchmark not in writers:
+        raise ValueError(f"benchmark={benchmark!r} is not one of {', '.join(BENCHMARKS)}")
+    return writers[benchmark](records, Path(out_dir) / BENCHMARK_FILES[benchmark], model_name)

@@ -15,7 +15,7 @@ The whole original row is kept as `BenchmarkPrompt.source`, so writers return id
 (FastChat looks MT-Bench answers up by the integer `question_id`) and AlpacaEval's `dataset` unchanged.
 
 Writing, atomically (temp file + rename): `generations.jsonl` (ours, every benchmark; see
-`write_generations`) here, and each evaluator's answer file (`write_benchmark_file`) in
+`write_generations`) here, and each evaluator's answer file (`benchmark_formats.write_benchmark_file`) in
 selpo_core/benchmark_formats.py, which documents those formats and MT-Bench's sampling temperatures.
 """
 
@@ -290,21 +290,6 @@ def read_generations(path: str | Path) -> list[GenerationRecord]:
     return records
 
 
-def write_benchmark_file(
-    benchmark: str, records: Sequence[GenerationRecord], out_dir: str | Path, model_name: str
-) -> Path | None:
-    """The benchmark's answer file in `out_dir` (`BENCHMARK_FILES`; formats: benchmark_formats.py); None for plain."""
-    from selpo_core import benchmark_formats as formats  # it imports this module: a lazy import, no cycle
-
-    if benchmark == "plain":
-        return None
-    writers = {"alpaca_eval": formats.write_alpaca_eval, "arena_hard": formats.write_arena_hard,
-               "mt_bench": formats.write_mt_bench}
-    if benchmark not in writers:
-        raise ValueError(f"benchmark={benchmark!r} is not one of {', '.join(BENCHMARKS)}")
-    return writers[benchmark](records, Path(out_dir) / BENCHMARK_FILES[benchmark], model_name)
-
-
 def prompt_to_dict(prompt: BenchmarkPrompt) -> dict[str, Any]:
     return asdict(prompt)
 
@@ -320,6 +305,5 @@ __all__ = [
     "load_prompts",
     "write_generations",
     "read_generations",
-    "write_benchmark_file",
     "prompt_to_dict",
 ]

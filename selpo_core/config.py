@@ -42,7 +42,9 @@ def _fraction(section: str, name: str, value: float, *, allow_zero: bool = False
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-POLICY_METHODS = ("sepo", "dpo", "ipo", "simpo", "selective_dpo", "tdpo1", "tdpo2", "tso")
+POLICY_METHODS = ("sepo", "dpo", "ipo", "simpo", "selective_dpo", "tdpo1", "tdpo2", "tso", "sepo_dpo", "tgdpo",
+                  "tis_dpo", "confpo")
+TIS_WEIGHTINGS = ("rank", "clamp", "binary")
 ORACLE_LOSSES = ("dpo", "ipo", "simpo")
 
 
@@ -266,6 +268,12 @@ class LossParams:
     """TSO dual clip: chosen implicit reward is capped above at this value."""
     tso_rejected_reward_min: float = -5.0
     """TSO dual clip: rejected implicit reward is floored below at this value."""
+    tgdpo_alpha: float = 0.5
+    """TGDPO: how strongly the oracle's token rewards reweight the DPO sum (0 is DPO; the paper's 0.5)."""
+    confpo_beta: float = 1.5
+    """ConfPO (SimPO on low-confidence tokens) beta (the paper's 1.5)."""
+    confpo_gamma: float = 1.6
+    """ConfPO margin gamma, absolute (the paper's 1.6)."""
 
     def __post_init__(self) -> None:
         section = "oracle" if isinstance(self, OracleConfig) else "policy"
@@ -360,6 +368,18 @@ class PolicyConfig(LossParams):
     """Selective-DPO scorer/anchor model dir or hub id; empty uses the reference (may be larger than the policy)."""
     ref_logps_from_scores: bool = True
     """dpo/ipo/tso/selective_dpo read the reference log-probs from the scoring Parquet (no reference forward)."""
+    tis_weighting: str = "rank"
+    """TIS-DPO token weights from the DPO and reverse-DPO oracles: rank (per response into [min, max], the
+    paper's run), clamp (scores clamped to +-tis_score_clip, scaled into [min, max]), binary (1 on the top
+    tis_k of each response, 0 elsewhere: an ablation against sepo's selection)."""
+    tis_min_weight: float = 0.7
+    """TIS-DPO smallest token weight (rank, clamp)."""
+    tis_max_weight: float = 1.3
+    """TIS-DPO largest token weight (rank, clamp)."""
+    tis_score_clip: float = 1.5
+    """TIS-DPO clamp weighting: scores are clamped to [-clip, clip]."""
+    tis_k: float = 0.3
+    """TIS-DPO binary weighting: fraction of each response's tokens weighted 1."""
     train: TrainConfig = TrainConfig(max_steps=120, batch_size=16, lr=5e-4)
     """Training settings of every policy method (equal steps and data for a fair comparison)."""
 
@@ -374,6 +394,12 @@ class PolicyConfig(LossParams):
             _choice("policy", "methods", method, POLICY_METHODS)
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"policy.methods={list(self.methods)} lists a method twice")
+        _choice("policy", "tis_weighting", self.tis_weighting, TIS_WEIGHTINGS)
+        if not 0 <= self.tis_min_weight < self.tis_max_weight:
+            raise ConfigError(f"policy.tis_min_weight={self.tis_min_weight} must be >= 0 and < "
+                              f"policy.tis_max_weight={self.tis_max_weight}")
+        _positive("policy", "tis_score_clip", self.tis_score_clip)
+        _fraction("policy", "tis_k", self.tis_k)
 
 
 @dataclass(frozen=True)

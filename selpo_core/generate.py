@@ -32,13 +32,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from selpo_core.benchmark_formats import mt_bench_temperature
+from selpo_core.benchmark_formats import mt_bench_temperature, write_benchmark_file
 from selpo_core.benchmarks_io import (
     GENERATIONS_FILE,
     BenchmarkPrompt,
     GenerationRecord,
     load_prompts,
-    write_benchmark_file,
     write_generations,
 )
 from selpo_core.config import GenerateConfig

@@ -1,11 +1,14 @@
 """Training objectives: `step_fn(model, batch) -> (loss, metrics)` for SFT and every preference method.
 
-The training loop knows nothing about methods; each step function here does one forward (chosen and
-rejected concatenated), calls one pure loss from `losses.py`, and reports TRL's metric names.
+The training loop knows nothing about methods; a preference step does one forward (chosen and rejected
+concatenated), hands the split per-token tensors to its method's loss (`losses.py`, one small function per
+method below), and reports TRL's metric names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,17 +26,45 @@ LOSS_FIELDS: dict[str, tuple[str, ...]] = {
     "ipo": ("beta",),
     "simpo": ("simpo_beta", "simpo_gamma_beta_ratio"),
     "sepo": ("sepo_gamma", "sepo_margin"),
+    "sepo_dpo": ("beta",),
     "selective_dpo": ("beta", "sdpo_quantile"),
     "tdpo1": ("beta",),
     "tdpo2": ("beta", "tdpo_alpha"),
     "tso": ("beta", "tso_chosen_reward_max", "tso_rejected_reward_min"),
+    "tgdpo": ("beta", "tgdpo_alpha"),
+    "tis_dpo": ("beta",),
+    "confpo": ("confpo_beta", "confpo_gamma"),
 }
 """The LossParams fields each method's loss reads: exactly what enters its stage key."""
 
 # Methods whose loss needs reference log-probs of the sampled tokens (from a model or from the Parquet).
-NEEDS_REF_LOGPS = ("dpo", "ipo", "tso", "selective_dpo")
+NEEDS_REF_LOGPS = ("dpo", "ipo", "tso", "selective_dpo", "sepo_dpo", "tgdpo", "tis_dpo")
 # Methods that need the full reference distribution at every position (cannot be read from a file).
 NEEDS_REF_MODEL_ALWAYS = ("tdpo1", "tdpo2")
+# Methods that train on the select stage's key tokens (SePO's selection).
+NEEDS_SELECTION = ("sepo", "sepo_dpo")
+# Methods that weight tokens by stored per-token values: TGDPO the oracle's token rewards, TIS-DPO its weights.
+NEEDS_TOKEN_VALUES = ("tgdpo", "tis_dpo")
+
+
+@dataclass
+class PairTensors:
+    """One forward's per-token tensors, split into chosen and rejected halves ([B, T] each)."""
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_mask: Tensor
+    rejected_mask: Tensor
+    batch: dict[str, Any]
+    ref: tuple[Tensor, Tensor] | None = None
+    kl: tuple[Tensor, Tensor] | None = None
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        return split_pair(self.batch[name])
+
+
+Metrics = dict[str, Tensor]
+LossFn = Callable[[LossParams, PairTensors, Metrics], "losses.LossOutput"]
 
 
 def sft_step(model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -50,12 +81,13 @@ def make_preference_step(method: str, params: LossParams, ref_model: Any | None)
     `ref_model` is used when the batch carries no `ref_per_token_logps`."""
     if method not in LOSS_FIELDS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(LOSS_FIELDS)}")
+    loss_fn = METHOD_LOSSES[method]
 
     def step(model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        metrics: dict[str, Tensor] = {}
         if ref_model is not None and next(ref_model.parameters()).device != input_ids.device:
             ref_model.to(input_ids.device)  # the training loop places the policy and batches, not the reference
+        per_token_kl = ref_logps = None
         if method in NEEDS_REF_MODEL_ALWAYS:
             if ref_model is None:
                 raise ValueError(f"{method} needs a reference model at every step")
@@ -64,60 +96,104 @@ def make_preference_step(method: str, params: LossParams, ref_model: Any | None)
             )
         else:
             policy_logps = model_per_token_logps(model, input_ids, attention_mask, loss_mask)
-            ref_logps = _reference_logps(method, ref_model, batch) if method in NEEDS_REF_LOGPS else None
-        chosen_logps, rejected_logps = split_pair(policy_logps)
-        chosen_mask, rejected_mask = split_pair(loss_mask)
-        if method in ("dpo", "ipo", "tso"):
-            ref_chosen, ref_rejected = split_pair(ref_logps)
-            if method == "dpo":
-                out = losses.dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_mask,
-                                      rejected_mask, beta=params.beta, label_smoothing=params.label_smoothing)
-            elif method == "ipo":
-                out = losses.ipo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_mask,
-                                      rejected_mask, beta=params.beta)
-            else:
-                out = losses.tso_dual_clip_loss(
-                    chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_mask, rejected_mask,
-                    beta=params.beta, chosen_reward_max=params.tso_chosen_reward_max,
-                    rejected_reward_min=params.tso_rejected_reward_min,
-                )
-                # Rewards are reported unclipped: these say how often the clip stopped a pair pulling.
-                metrics["clip/chosen_fraction"] = (out[1] > params.tso_chosen_reward_max).float().mean()
-                metrics["clip/rejected_fraction"] = (out[2] < params.tso_rejected_reward_min).float().mean()
-        elif method == "simpo":
-            out = losses.simpo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask,
-                                    beta=params.simpo_beta, gamma_beta_ratio=params.simpo_gamma_beta_ratio)
-        elif method == "sepo":
-            chosen_selected, rejected_selected = split_pair(batch["selected_mask"])
-            out = losses.sepo_loss(chosen_logps, rejected_logps, chosen_selected, rejected_selected,
-                                   gamma=params.sepo_gamma, margin=params.sepo_margin)
-            metrics.update(_selected_fractions(chosen_selected, rejected_selected, chosen_mask, rejected_mask))
-        elif method == "selective_dpo":
-            ref_chosen, ref_rejected = split_pair(ref_logps)
-            chosen_selected, rejected_selected = losses.selective_dpo_masks(
-                chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_mask, rejected_mask,
-                quantile=params.sdpo_quantile,
-            )
-            out = losses.selective_dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_selected,
-                                            rejected_selected, beta=params.beta)
-            metrics.update(_selected_fractions(chosen_selected, rejected_selected, chosen_mask, rejected_mask))
-        elif method in ("tdpo1", "tdpo2"):
-            ref_chosen, ref_rejected = split_pair(ref_logps)
-            chosen_kl, rejected_kl = split_pair(per_token_kl)
-            out = losses.tdpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, chosen_mask,
-                                   rejected_mask, chosen_kl, rejected_kl, variant=method, beta=params.beta,
-                                   alpha=params.tdpo_alpha)
-            metrics["kl/chosen"] = masked_sum(chosen_kl, chosen_mask).mean().detach()
-            metrics["kl/rejected"] = masked_sum(rejected_kl, rejected_mask).mean().detach()
-        else:
-            raise ValueError(f"unknown method {method!r}")
-        per_example_losses, chosen_rewards, rejected_rewards = out
+            if method in NEEDS_REF_LOGPS:
+                ref_logps = _reference_logps(method, ref_model, batch)
+        tensors = PairTensors(*split_pair(policy_logps), *split_pair(loss_mask), batch,
+                              ref=split_pair(ref_logps) if ref_logps is not None else None,
+                              kl=split_pair(per_token_kl) if per_token_kl is not None else None)
+        metrics: Metrics = {}
+        per_example_losses, chosen_rewards, rejected_rewards = loss_fn(params, tensors, metrics)
         metrics.update(_reward_metrics(chosen_rewards, rejected_rewards))
-        metrics["logps/chosen"] = masked_sum(chosen_logps, chosen_mask).mean().detach()
-        metrics["logps/rejected"] = masked_sum(rejected_logps, rejected_mask).mean().detach()
+        metrics["logps/chosen"] = masked_sum(tensors.chosen_logps, tensors.chosen_mask).mean().detach()
+        metrics["logps/rejected"] = masked_sum(tensors.rejected_logps, tensors.rejected_mask).mean().detach()
         return per_example_losses.mean(), metrics
 
     return step
+
+
+# ------------------------------------------------------------------------------------------ one per method
+
+
+def _dpo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    return losses.dpo_loss(t.chosen_logps, t.rejected_logps, *t.ref, t.chosen_mask, t.rejected_mask, beta=p.beta,
+                           label_smoothing=p.label_smoothing)
+
+
+def _ipo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    return losses.ipo_loss(t.chosen_logps, t.rejected_logps, *t.ref, t.chosen_mask, t.rejected_mask, beta=p.beta)
+
+
+def _tso(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    out = losses.tso_dual_clip_loss(t.chosen_logps, t.rejected_logps, *t.ref, t.chosen_mask, t.rejected_mask,
+                                    beta=p.beta, chosen_reward_max=p.tso_chosen_reward_max,
+                                    rejected_reward_min=p.tso_rejected_reward_min)
+    # Rewards are reported unclipped: these say how often the clip stopped a pair pulling.
+    metrics["clip/chosen_fraction"] = (out[1] > p.tso_chosen_reward_max).float().mean()
+    metrics["clip/rejected_fraction"] = (out[2] < p.tso_rejected_reward_min).float().mean()
+    return out
+
+
+def _simpo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    return losses.simpo_loss(t.chosen_logps, t.rejected_logps, t.chosen_mask, t.rejected_mask, beta=p.simpo_beta,
+                             gamma_beta_ratio=p.simpo_gamma_beta_ratio)
+
+
+def _sepo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    chosen_selected, rejected_selected = t.split("selected_mask")
+    metrics.update(_selected_fractions(chosen_selected, rejected_selected, t.chosen_mask, t.rejected_mask))
+    return losses.sepo_loss(t.chosen_logps, t.rejected_logps, chosen_selected, rejected_selected,
+                            gamma=p.sepo_gamma, margin=p.sepo_margin)
+
+
+def _sepo_dpo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    chosen_selected, rejected_selected = t.split("selected_mask")
+    metrics.update(_selected_fractions(chosen_selected, rejected_selected, t.chosen_mask, t.rejected_mask))
+    return losses.selective_ref_dpo_loss(t.chosen_logps, t.rejected_logps, *t.ref, chosen_selected,
+                                         rejected_selected, beta=p.beta)
+
+
+def _selective_dpo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    chosen_selected, rejected_selected = losses.selective_dpo_masks(
+        t.chosen_logps, t.rejected_logps, *t.ref, t.chosen_mask, t.rejected_mask, quantile=p.sdpo_quantile)
+    metrics.update(_selected_fractions(chosen_selected, rejected_selected, t.chosen_mask, t.rejected_mask))
+    return losses.selective_dpo_loss(t.chosen_logps, t.rejected_logps, *t.ref, chosen_selected, rejected_selected,
+                                     beta=p.beta)
+
+
+def _tdpo(variant: str) -> LossFn:
+    def loss(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+        assert t.kl is not None
+        metrics["kl/chosen"] = masked_sum(t.kl[0], t.chosen_mask).mean().detach()
+        metrics["kl/rejected"] = masked_sum(t.kl[1], t.rejected_mask).mean().detach()
+        return losses.tdpo_loss(t.chosen_logps, t.rejected_logps, *t.ref, t.chosen_mask, t.rejected_mask, *t.kl,
+                                variant=variant, beta=p.beta, alpha=p.tdpo_alpha)
+
+    return loss
+
+
+def _tgdpo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    return losses.tgdpo_loss(t.chosen_logps, t.rejected_logps, *t.ref, *t.split("token_values"), t.chosen_mask,
+                             t.rejected_mask, beta=p.beta, alpha=p.tgdpo_alpha)
+
+
+def _tis_dpo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    return losses.tis_dpo_loss(t.chosen_logps, t.rejected_logps, *t.ref, *t.split("token_values"), t.chosen_mask,
+                               t.rejected_mask, beta=p.beta)
+
+
+def _confpo(p: LossParams, t: PairTensors, metrics: Metrics) -> losses.LossOutput:
+    chosen_kept = losses.confpo_mask(t.chosen_logps, t.chosen_mask)
+    rejected_kept = losses.confpo_mask(t.rejected_logps, t.rejected_mask)
+    metrics.update(_selected_fractions(chosen_kept, rejected_kept, t.chosen_mask, t.rejected_mask))
+    return losses.confpo_loss(t.chosen_logps, t.rejected_logps, chosen_kept, rejected_kept, beta=p.confpo_beta,
+                              gamma=p.confpo_gamma)
+
+
+METHOD_LOSSES: dict[str, LossFn] = {
+    "dpo": _dpo, "ipo": _ipo, "tso": _tso, "simpo": _simpo, "sepo": _sepo, "sepo_dpo": _sepo_dpo,
+    "selective_dpo": _selective_dpo, "tdpo1": _tdpo("tdpo1"), "tdpo2": _tdpo("tdpo2"), "tgdpo": _tgdpo,
+    "tis_dpo": _tis_dpo, "confpo": _confpo,
+}
 
 
 def _reference_logps(method: str, ref_model: Any | None, batch: dict[str, Any]) -> Tensor:

@@ -31,6 +31,10 @@ def build_summary(scores_dir: Path | str, selection_dir: Path | str, evaluations
         "token_auroc": score_metrics.get("token_auroc"),
         "token_auroc_positive": score_metrics.get("token_auroc_positive"),
         "token_auroc_negative": score_metrics.get("token_auroc_negative"),
+        "token_auroc_no_special": score_metrics.get("token_auroc_no_special"),
+        "key_recall": select_metrics.get("key_recall"),
+        "precision_at_key_rate": score_metrics.get("precision_at_key_rate"),
+        "key_rate": score_metrics.get("key_rate"),
         "selection_precision": select_metrics.get("selection_precision"),
         "selection_precision_chance": select_metrics.get("selection_precision_chance"),
         "heldout_accuracy": score_metrics.get("oracle_heldout_accuracy"),
@@ -89,11 +93,12 @@ def format_table(summary: dict[str, Any]) -> str:
     lines: list[str] = []
     if oracle.get("token_auroc") is not None:
         lines += [
-            "| oracle | token AUROC | AUROC +key (chosen) | AUROC -key (rejected) | selection precision | chance |",
-            "|---|---|---|---|---|---|",
+            "| oracle | token AUROC | AUROC +key (chosen) | AUROC -key (rejected) | AUROC w/o EOS etc. | "
+            "key recall in selection | precision at key rate |",
+            "|---|---|---|---|---|---|---|",
             f"| oracle | {_fmt(oracle['token_auroc'])} | {_fmt(oracle['token_auroc_positive'])} | "
-            f"{_fmt(oracle['token_auroc_negative'])} | {_fmt(oracle['selection_precision'])} | "
-            f"{_fmt(oracle['selection_precision_chance'])} |",
+            f"{_fmt(oracle['token_auroc_negative'])} | {_fmt(oracle.get('token_auroc_no_special'))} | "
+            f"{_fmt(oracle.get('key_recall'))} | {_fmt(oracle.get('precision_at_key_rate'))} |",
             "",
         ]
     elif oracle.get("heldout_accuracy") is not None:  # real data: no key-token truth, but held-out pairs

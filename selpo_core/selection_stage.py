@@ -164,3 +164,59 @@ def selection_truth_metrics(rows: list[dict], labels: Sequence[Sequence[int]],
         **oracle_quality.key_recall(*flat["chosen"], *flat["rejected"]),
         **oracle_quality.score_truth_metrics(rows, labels, special_token_ids),
     }
+
+
+# ------------------------------------------------------------------------------------------ TIS-DPO weights
+
+WEIGHTS_SCHEMA = pa.schema([("example_id", pa.string()), ("side", pa.string()), ("token_ids", pa.list_(pa.int32())),
+                            ("weights", pa.list_(pa.float32()))])
+
+
+def write_tis_weights(policy: Any, scores_dir: Path, reverse_scores_dir: Path, policy_pairs: Sequence[Any],
+                      out_dir: Path, *, special_token_ids: Collection[int]) -> dict[str, Any]:
+    """weights.parquet: TIS-DPO's token importance weights on the policy's tokens; returns the stage metrics.
+
+    Score per token (`token_weights.tis_dpo_scores`): log pi_oracle - log pi_reverse_oracle on chosen responses,
+    its negative on rejected ones, moved onto the policy's tokens like the selection's rewards, then mapped per
+    response by `policy.tis_weighting` (rank, clamp, binary) over the non-special tokens; special tokens (EOS...)
+    get weight 0, as in the official pipeline (weights estimated on the text tokens only).
+    """
+    from selpo_core import token_weights
+    from selpo_core.scoring import read_scores, scores_to_pair_lookup
+
+    forward = scores_to_pair_lookup(read_scores(scores_dir))
+    reverse = scores_to_pair_lookup(read_scores(reverse_scores_dir))
+    oriented = {}
+    for key, row in forward.items():
+        other = reverse.get(key)
+        if other is None or list(other["token_ids"]) != list(row["token_ids"]):
+            raise ValueError(f"the reverse oracle's scores of example {key[0]} ({key[1]}) are on other tokens: the two "
+                             "score stages do not match")
+        scores = token_weights.tis_dpo_scores(torch.tensor(row["oracle_logps"]), torch.tensor(other["oracle_logps"]),
+                                              side=key[1])
+        oriented[key] = {**row, "rewards": scores.tolist()}
+    rows = _policy_rows(oriented, policy_pairs)
+    for side in ("chosen", "rejected"):
+        side_rows = [row for row in rows if row["side"] == side]
+        scores, selectable = _padded(side_rows, special_token_ids)
+        weights = _tis_weights(policy, scores.float(), selectable)
+        for i, row in enumerate(side_rows):
+            row["weights"] = weights[i, : len(row["rewards"])].tolist()
+    pq.write_table(pa.Table.from_pylist([{k: row[k] for k in WEIGHTS_SCHEMA.names} for row in rows],
+                                        schema=WEIGHTS_SCHEMA), out_dir / "weights.parquet")
+    flat = np.concatenate([np.asarray(row["weights"]) for row in rows] or [np.zeros(1)])
+    return {"tis_weighting": policy.tis_weighting, "weight_mean": float(flat.mean()), "weight_min": float(flat.min()),
+            "weight_max": float(flat.max()), "n_responses": len(rows)}
+
+
+def _tis_weights(policy: Any, scores: torch.Tensor, selectable: torch.Tensor) -> torch.Tensor:
+    from selpo_core import token_weights
+
+    if policy.tis_weighting == "rank":
+        return token_weights.rank_weights(scores, selectable, min_weight=policy.tis_min_weight,
+                                          max_weight=policy.tis_max_weight)
+    if policy.tis_weighting == "clamp":
+        return token_weights.clamp_scale_weights(scores, selectable, min_score=-policy.tis_score_clip,
+                                                 max_score=policy.tis_score_clip, min_weight=policy.tis_min_weight,
+                                                 max_weight=policy.tis_max_weight)
+    return token_weights.binary_weights(scores, selectable, k=policy.tis_k)

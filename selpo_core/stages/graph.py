@@ -22,7 +22,7 @@ from selpo_core.stages.checks import check_run
 from selpo_core.stages.plan import StageInput, StagePlan, external, store_dir
 from selpo_core.stages.prepare import plan_data, plan_synthetic
 from selpo_core.stages.runner import LocalRun, remove_orphans
-from selpo_core.stages.tokens import StoredLogps, plan_score, plan_select, stored_logps
+from selpo_core.stages.tokens import StoredLogps, plan_score, plan_select, plan_tis_weights, stored_logps
 from selpo_core.stages.training import plan_oracle, plan_policy, plan_sft
 from selpo_core.stages.tso import plan_candidates, plan_pairs, plan_prompts, round_label
 
@@ -128,6 +128,12 @@ def plan_graph(cfg: RunConfig, *, methods: Sequence[str] | None = None, tso: boo
     scores = graph.node("score", plan_score, cfg, data, oracle, reference)
     logps = stored_logps(graph.plans["score"]) if "score" in graph.plans else _given_logps(graph.given["score"])
     selection = graph.node("select", plan_select, cfg, data, scores, policy_init)
+    token_values = {"tgdpo": (selection, "rewards", 1.0 / cfg.score.beta)}  # the oracle's raw token log-ratios
+    if "tis_dpo" in graph.methods:  # TIS-DPO's contrastive pair: the same oracle trained on swapped labels
+        reverse = graph.node("oracle_reverse", plan_oracle, cfg, data, reference, reverse=True, sub="model")
+        reverse_scores = graph.node("score_reverse", plan_score, cfg, data, reverse, reference, reverse=True)
+        weights = graph.node("tis_weights", plan_tis_weights, cfg, data, scores, reverse_scores, policy_init)
+        token_values["tis_dpo"] = (weights, "weights", 1.0)
     reference_answers = graph.node("generate_reference", plan_generate, cfg, data, policy_init, "reference")
     for method in graph.methods:
         anchor = method_anchor(cfg, method, policy_init, oracle)
@@ -135,7 +141,7 @@ def plan_graph(cfg: RunConfig, *, methods: Sequence[str] | None = None, tso: boo
         stored = logps.get(anchor.fingerprint) if cfg.policy.ref_logps_from_scores else None
         policy = graph.node(f"policy_{method}", plan_policy, cfg, method, data, policy_init, anchor,
                             ref_logps=stored if method in NEEDS_REF_LOGPS else None, selection=selection,
-                            sub="model")
+                            token_values=token_values.get(method), sub="model")
         answers = graph.node(f"generate_{method}", plan_generate, cfg, data, policy, method)
         graph.node(f"evaluate_{method}", plan_evaluate, cfg, data, answers, reference_answers, policy, policy_init,
                    method)

@@ -33,7 +33,7 @@ Body = Callable[[RunConfig, StagePlan, dict[str, str], StageOutput], None]
 BODIES: dict[str, Body] = {
     "synthetic": prepare.run_synthetic, "data": prepare.run_data,
     "sft": training.run_sft, "oracle": training.run_oracle, "policy": training.run_policy,
-    "score": tokens.run_score, "select": tokens.run_select,
+    "score": tokens.run_score, "select": tokens.run_select, "tis_weights": tokens.run_tis_weights,
     "generate": answers.run_generate, "evaluate": answers.run_evaluate,
     "tso_prompts": tso.run_prompts, "tso_candidates": tso.run_candidates, "tso_pairs": tso.run_pairs,
 }

@@ -16,8 +16,11 @@ SCORE_FIELDS_NOT_IN_REF_LOGPS = ("beta", "one_model_at_a_time")
 """Score settings that cannot change the stored reference log-probs (beta scales only the rewards)."""
 
 
-def plan_score(cfg: RunConfig, data: StageInput, oracle: StageInput, reference: StageInput) -> StagePlan:
-    return StagePlan("score", "score", "score tokens", {"score": to_dict(cfg.score)},
+def plan_score(cfg: RunConfig, data: StageInput, oracle: StageInput, reference: StageInput, *,
+               reverse: bool = False) -> StagePlan:
+    """`reverse`: the reverse oracle's log-probs (TIS-DPO) in the same format, as stage score_reverse."""
+    name, title = ("score_reverse", "score tokens (reverse oracle)") if reverse else ("score", "score tokens")
+    return StagePlan(name, "score", title, {"score": to_dict(cfg.score)},
                      {"data": data, "oracle": oracle, "reference": reference})
 
 
@@ -58,7 +61,8 @@ def run_score(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Stag
     for shard in sorted([*shard_dir.glob("part-*.parquet"), *shard_dir.glob("plan.json")]):
         shard.rename(out.work_dir / "scores" / shard.name)
     if (Path(inputs["data"]) / "task.json").is_file():
-        out.metrics.update(_oracle_truth_metrics(scoring.read_scores(out.work_dir / "scores"), Path(inputs["data"])))
+        scores = scoring.read_scores(out.work_dir / "scores")
+        out.metrics.update(_oracle_truth_metrics(scores, Path(inputs["data"]), tokenizer))
     else:  # real data: how well the oracle's implicit reward orders the held-out pairs
         out.metrics.update(_oracle_heldout_metrics(cfg, inputs, tokenizer))
     save_config(cfg.score, out.work_dir / "config.yaml")
@@ -76,17 +80,17 @@ def _oracle_heldout_metrics(cfg: RunConfig, inputs: dict[str, str], tokenizer: A
             "oracle_heldout_ci95": list(wilson_interval(accuracy["accuracy"] * len(heldout), len(heldout)))}
 
 
-def _oracle_truth_metrics(table: Any, data_dir: Path) -> dict[str, float]:
-    from selpo_core.oracle_quality import token_auroc
+def _oracle_truth_metrics(table: Any, data_dir: Path, tokenizer: Any) -> dict[str, float]:
+    """Token AUROC of the oracle's rewards against the synthetic task's key words (with and without special
+    tokens such as EOS) and precision at the key rate."""
+    from selpo_core.oracle_quality import score_truth_metrics
+    from selpo_core.selection_stage import special_token_ids
     from selpo_core.synthetic import GroundTruth
 
     truth = GroundTruth.load(data_dir)
-    by_side: dict[str, tuple[list[float], list[int]]] = {"chosen": ([], []), "rejected": ([], [])}
-    for row in table.to_pylist():
-        rewards, labels = by_side[row["side"]]
-        rewards.extend(row["rewards"])
-        labels.extend(truth.key_labels(list(zip(row["offset_start"], row["offset_end"])), row["text"]))
-    return token_auroc(*by_side["chosen"], *by_side["rejected"])
+    rows = table.to_pylist()
+    labels = [truth.key_labels(list(zip(row["offset_start"], row["offset_end"])), row["text"]) for row in rows]
+    return score_truth_metrics(rows, labels, special_token_ids(tokenizer))
 
 
 def plan_select(cfg: RunConfig, data: StageInput, scores: StageInput, policy_init: StageInput) -> StagePlan:
@@ -108,3 +112,23 @@ def run_select(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
         special_token_ids=selection_stage.special_token_ids(policy_tokenizer), truth_dir=truth_dir,
     ))
     save_config(cfg.select, out.work_dir / "config.yaml")
+
+
+def plan_tis_weights(cfg: RunConfig, data: StageInput, scores: StageInput, reverse_scores: StageInput,
+                     policy_init: StageInput) -> StagePlan:
+    """TIS-DPO's token weights on the policy's tokens, from the DPO oracle's and the reverse oracle's scores."""
+    p = cfg.policy
+    section = {"tis": {"weighting": p.tis_weighting, "min_weight": p.tis_min_weight, "max_weight": p.tis_max_weight,
+                       "score_clip": p.tis_score_clip, "k": p.tis_k}}
+    return StagePlan("tis_weights", "tis_weights", "TIS-DPO token weights", section,
+                     {"data": data, "scores": scores, "reverse_scores": reverse_scores, "policy_init": policy_init})
+
+
+def run_tis_weights(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
+    from selpo_core import models, selection_stage
+
+    tokenizer = models.load_tokenizer(inputs["policy_init"])
+    policy_pairs = tokenized_pairs(cfg, inputs["data"], tokenizer, name="policy")
+    out.metrics.update(selection_stage.write_tis_weights(
+        cfg.policy, Path(inputs["scores"]) / "scores", Path(inputs["reverse_scores"]) / "scores", policy_pairs,
+        out.work_dir, special_token_ids=selection_stage.special_token_ids(tokenizer)))

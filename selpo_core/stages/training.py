@@ -7,11 +7,19 @@ training settings that can change the weights (not logging or checkpoint cadence
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from selpo_core.artifacts import StageOutput
 from selpo_core.config import TRAIN_FIELDS_NOT_IN_KEY, ModelConfig, RunConfig, TrainConfig, save_config, to_dict
-from selpo_core.objectives import LOSS_FIELDS, NEEDS_REF_LOGPS, NEEDS_REF_MODEL_ALWAYS
+from selpo_core.objectives import (
+    LOSS_FIELDS,
+    NEEDS_REF_LOGPS,
+    NEEDS_REF_MODEL_ALWAYS,
+    NEEDS_SELECTION,
+    NEEDS_TOKEN_VALUES,
+)
 from selpo_core.stages.plan import StageInput, StagePlan
 from selpo_core.stages.prepare import tokenized_pairs
 
@@ -83,12 +91,23 @@ def run_sft(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageO
 # ------------------------------------------------------------------------------------------------- oracle
 
 
-def plan_oracle(cfg: RunConfig, data: StageInput, reference: StageInput) -> StagePlan:
+def plan_oracle(cfg: RunConfig, data: StageInput, reference: StageInput, *, reverse: bool = False) -> StagePlan:
+    """The oracle; `reverse`: the same training with chosen and rejected swapped (TIS-DPO's contrastive pair)."""
     oracle = cfg.oracle
     section = {"loss": oracle.loss, "loss_params": loss_key(oracle.loss, oracle), "subset_fraction":
                oracle.subset_fraction, "subset_count": oracle.subset_count, "subset_seed": oracle.subset_seed,
-               "train": train_key(oracle.train)}
-    return StagePlan("oracle", "oracle", "train oracle", section, {"data": data, "reference": reference})
+               "train": train_key(oracle.train), "reverse": reverse}
+    name, title = ("oracle_reverse", "train reverse oracle") if reverse else ("oracle", "train oracle")
+    return StagePlan(name, "oracle", title, section, {"data": data, "reference": reference})
+
+
+def _swapped(pair: Any) -> Any:
+    """The pair with its preference reversed (same example, rejected as chosen)."""
+    from dataclasses import replace
+
+    return replace(pair, chosen_ids=pair.rejected_ids, rejected_ids=pair.chosen_ids, chosen_text=pair.rejected_text,
+                   rejected_text=pair.chosen_text, chosen_offsets=pair.rejected_offsets,
+                   rejected_offsets=pair.chosen_offsets)
 
 
 def oracle_subset(cfg: RunConfig, pairs: list[Any]) -> list[Any]:
@@ -105,7 +124,9 @@ def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
     from selpo_core.train import train
 
     tokenizer = models.load_tokenizer(inputs["reference"])
-    pairs = oracle_subset(cfg, tokenized_pairs(cfg, inputs["data"], tokenizer))
+    pairs = oracle_subset(cfg, tokenized_pairs(cfg, inputs["data"], tokenizer, name="reference"))
+    if plan.section.get("reverse"):
+        pairs = [_swapped(pair) for pair in pairs]
     model = models.load_model(inputs["reference"], dtype=_fp32())
     ref_model = models.frozen_copy(model) if cfg.oracle.loss != "simpo" else None
     result = train(model, make_preference_step(cfg.oracle.loss, cfg.oracle, ref_model), pairs,
@@ -121,57 +142,55 @@ def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
 
 
 def plan_policy(cfg: RunConfig, method: str, data: StageInput, policy_init: StageInput, anchor: StageInput, *,
-                ref_logps: tuple[StageInput, str] | None, selection: StageInput | None, label: str = "",
+                ref_logps: tuple[StageInput, str] | None, selection: StageInput | None,
+                token_values: tuple[StageInput, str, float] | None = None, label: str = "",
                 title: str = "") -> StagePlan:
     """Train the policy with one method from `policy_init`. Inputs are only what the method reads: the anchor
     model (DPO family without stored log-probs, TDPO always), the anchor's stored log-probs (the score stage and
-    its column: `ref_logps` of the reference, `oracle_logps` of the oracle), the selection.
+    its column: `ref_logps` of the reference, `oracle_logps` of the oracle), the selection (sepo, sepo_dpo),
+    stored per-token values (a stage, its Parquet column, a scale: TGDPO's token rewards, TIS-DPO's weights).
 
     `label` names the stage when one method is trained several times in a run (TSO rounds); `title` the task."""
     p = cfg.policy
-    section = {"method": method, "loss_params": loss_key(method, p), "train": train_key(p.train),
-               "lora": {"r": cfg.policy_model.lora_r, "alpha": cfg.policy_model.lora_alpha}}
+    section: dict[str, Any] = {"method": method, "loss_params": loss_key(method, p), "train": train_key(p.train),
+                               "lora": {"r": cfg.policy_model.lora_r, "alpha": cfg.policy_model.lora_alpha}}
     inputs: dict[str, StageInput] = {"data": data, "policy_init": policy_init}
     if method in NEEDS_REF_LOGPS and ref_logps is not None:
         inputs["ref_logps"], section["ref_logps_column"] = ref_logps
     elif method in NEEDS_REF_LOGPS or method in NEEDS_REF_MODEL_ALWAYS:
         inputs["anchor"] = anchor
-    if method == "sepo":
+    if method in NEEDS_SELECTION:
         if selection is None:
-            raise ValueError("sepo trains on selected tokens: it needs the select stage")
+            raise ValueError(f"{method} trains on selected tokens: it needs the select stage")
         inputs["selection"] = selection
+    if method in NEEDS_TOKEN_VALUES:
+        if token_values is None:
+            raise ValueError(f"{method} weights tokens by stored values: it needs their stage")
+        inputs["token_values"], section["token_values_column"], section["token_values_scale"] = token_values
     name = label or method
     return StagePlan(f"policy_{name}", "policy", title or f"train policy [{name}]", section, inputs)
 
 
 def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
     """Train the policy with one method from the same data, scores and selection as every other method."""
-    import pyarrow.parquet as pq
-
     from selpo_core import data, models
     from selpo_core.objectives import make_preference_step
-    from selpo_core.scoring import read_scores, scores_to_pair_lookup
     from selpo_core.train import train
 
     method = plan.section["method"]
     init_dir = inputs["policy_init"]
     tokenizer = models.load_tokenizer(init_dir)
-    pairs = tokenized_pairs(cfg, inputs["data"], tokenizer)
+    pairs = tokenized_pairs(cfg, inputs["data"], tokenizer, name="policy")
     model = models.load_model(init_dir, dtype=_fp32())
-    extras: dict[str, Any] = {}
+    per_token = _per_token_inputs(plan, inputs)
     ref_model = None
-    if "selection" in inputs:
-        extras["selected"] = scores_to_pair_lookup(pq.read_table(f"{inputs['selection']}/selection.parquet"))
-    if "ref_logps" in inputs:
-        extras["ref"] = scores_to_pair_lookup(read_scores(f"{inputs['ref_logps']}/scores"))
-        extras["ref_column"] = plan.section["ref_logps_column"]
-    elif "anchor" in inputs:
+    if "anchor" in inputs:
         same = plan.inputs["anchor"].fingerprint == plan.inputs["policy_init"].fingerprint
         ref_model = models.frozen_copy(model if same else models.load_model(inputs["anchor"], dtype=_fp32()))
     model = models.maybe_apply_lora(model, cfg.policy_model)
 
     def collate(batch: list[Any]) -> dict[str, Any]:
-        return data.collate_pairs(batch, tokenizer.pad_token_id, **_pair_extras(batch, extras))
+        return data.collate_pairs(batch, tokenizer.pad_token_id, **_pair_extras(batch, per_token))
 
     result = train(model, make_preference_step(method, cfg.policy, ref_model), pairs, collate,
                    [pair.length for pair in pairs], cfg.policy.train, out.partial_dir / "checkpoints",
@@ -179,38 +198,65 @@ def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
     models.save_model_dir(model, tokenizer, out.work_dir / "model")
     save_config(cfg.policy, out.work_dir / "config.yaml")
     out.metrics.update({"method": method, "reads_ref_logps_from_scores": "ref_logps" in inputs,
-                        "trained_token_fraction": _trained_token_fraction(method, pairs, extras, result),
+                        "trained_token_fraction": _trained_token_fraction(method, pairs, per_token, result),
                         **_train_metrics(result, models.count_parameters(model))})
 
 
-def _pair_extras(batch: list[Any], extras: dict[str, Any]) -> dict[str, Any]:
-    """Per-response selected masks and reference log-probs looked up by (example_id, side)."""
+@dataclass
+class PerToken:
+    """A stored per-token input of the policy: its (example_id, side) -> row lookup, the column, a scale."""
+
+    lookup: dict[tuple[str, str], dict[str, Any]]
+    column: str
+    scale: float = 1.0
+
+
+def _per_token_inputs(plan: StagePlan, inputs: dict[str, str]) -> dict[str, PerToken]:
+    """collate_pairs' keyword prefix (selected, ref_logps, values) -> what the policy stage reads for it."""
+    import pyarrow.parquet as pq
+
+    from selpo_core.scoring import read_scores, scores_to_pair_lookup
+
+    out: dict[str, PerToken] = {}
+    if "selection" in inputs:
+        out["selected"] = PerToken(scores_to_pair_lookup(pq.read_table(f"{inputs['selection']}/selection.parquet")),
+                                   "selected")
+    if "ref_logps" in inputs:
+        out["ref_logps"] = PerToken(scores_to_pair_lookup(read_scores(f"{inputs['ref_logps']}/scores")),
+                                    plan.section["ref_logps_column"])
+    if "token_values" in inputs:
+        column = plan.section["token_values_column"]
+        source = Path(inputs["token_values"])
+        table = pq.read_table(source / ("weights.parquet" if column == "weights" else "selection.parquet"))
+        out["values"] = PerToken(scores_to_pair_lookup(table), column, plan.section["token_values_scale"])
+    return out
+
+
+def _pair_extras(batch: list[Any], per_token: dict[str, PerToken]) -> dict[str, Any]:
+    """collate_pairs' per-response keyword lists, looked up by (example_id, side) on the policy's own tokens."""
     kwargs: dict[str, Any] = {}
-    columns = (("selected", "selected", "selected"), ("ref", extras.get("ref_column", "ref_logps"), "ref_logps"))
-    for name, column, prefix in columns:
-        if name not in extras:
-            continue
-        lookup = extras[name]
+    for prefix, source in per_token.items():
         for side in ("chosen", "rejected"):
             values = []
             for pair in batch:
-                row = lookup[(pair.example_id, side)]
+                row = source.lookup[(pair.example_id, side)]
                 expected = pair.chosen_ids if side == "chosen" else pair.rejected_ids
                 if list(row["token_ids"]) != list(expected):
-                    raise ValueError(f"{name} of example {pair.example_id} ({side}) was computed on other tokens "
+                    raise ValueError(f"{prefix} of example {pair.example_id} ({side}) was computed on other tokens "
                                      "than the policy's: the artifacts do not match this data or tokenizer")
-                values.append(row[column])
+                value = row[source.column]
+                values.append(value if source.scale == 1.0 else [v * source.scale for v in value])
             kwargs[f"{side}_{prefix}"] = values
     return kwargs
 
 
-def _trained_token_fraction(method: str, pairs: list[Any], extras: dict[str, Any], result: Any) -> float:
+def _trained_token_fraction(method: str, pairs: list[Any], per_token: dict[str, PerToken], result: Any) -> float:
     """Fraction of response tokens whose log-prob enters the loss."""
-    if method == "sepo":
-        selected = sum(sum(row["selected"]) for row in extras["selected"].values())
+    if "selected" in per_token:
+        selected = sum(sum(row["selected"]) for row in per_token["selected"].lookup.values())
         total = sum(len(pair.chosen_ids) + len(pair.rejected_ids) for pair in pairs)
         return round(selected / max(1, total), 4)
-    if method == "selective_dpo":
+    if method in ("selective_dpo", "confpo"):  # masks built each step: their fraction at the last logged steps
         chosen = result.final_metrics.get("selected_fraction/chosen", float("nan"))
         rejected = result.final_metrics.get("selected_fraction/rejected", float("nan"))
         return round((chosen + rejected) / 2, 4)

@@ -17,6 +17,7 @@ from selpo_core.benchmark_formats import (
     mt_bench_temperature,
     write_alpaca_eval,
     write_arena_hard,
+    write_benchmark_file,
     write_mt_bench,
 )
 from selpo_core.benchmarks_io import (
@@ -24,7 +25,6 @@ from selpo_core.benchmarks_io import (
     PromptFileError,
     load_prompts,
     read_generations,
-    write_benchmark_file,
     write_generations,
 )
 

@@ -14,7 +14,8 @@ from selpo_core.logps import model_per_token_logps, split_pair
 from selpo_core.models import frozen_copy
 from selpo_core.objectives import LOSS_FIELDS, make_preference_step, sft_step
 
-METHODS = ("sepo", "dpo", "ipo", "simpo", "selective_dpo", "tdpo1", "tdpo2", "tso")
+METHODS = ("sepo", "dpo", "ipo", "simpo", "selective_dpo", "tdpo1", "tdpo2", "tso", "sepo_dpo", "tgdpo", "tis_dpo",
+           "confpo")
 
 
 def _pairs(tokenizer):
@@ -43,9 +44,15 @@ def test_each_method_lowers_its_loss_and_changes_parameters(method: str, word_to
     def first_half(ids: list[int]) -> list[bool]:
         return [i < max(1, len(ids) // 2) for i in range(len(ids))]
 
+    # Stored per-token values (TGDPO's oracle rewards, TIS-DPO's weights): any fixed numbers will do here.
+    def values(ids: list[int]) -> list[float]:
+        return [0.5 + 0.25 * (i % 3) for i in range(len(ids))]
+
     batch = collate_pairs(pairs, word_tokenizer.pad_token_id,
                           chosen_selected=[first_half(p.chosen_ids) for p in pairs],
-                          rejected_selected=[first_half(p.rejected_ids) for p in pairs])
+                          rejected_selected=[first_half(p.rejected_ids) for p in pairs],
+                          chosen_values=[values(p.chosen_ids) for p in pairs],
+                          rejected_values=[values(p.rejected_ids) for p in pairs])
     params = PolicyConfig(beta=0.5, simpo_beta=2.0, tso_chosen_reward_max=50.0, tso_rejected_reward_min=-50.0)
     step = make_preference_step(method, params, ref_model)
     before = [p.detach().clone() for p in model.parameters()]
@@ -61,7 +68,7 @@ def test_each_method_lowers_its_loss_and_changes_parameters(method: str, word_to
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected"} <= metrics.keys()
-    if method in ("sepo", "selective_dpo"):
+    if method in ("sepo", "selective_dpo", "sepo_dpo", "confpo"):
         assert 0 < float(metrics["selected_fraction/chosen"]) < 1
     if method.startswith("tdpo"):
         assert float(metrics["kl/chosen"]) > 0

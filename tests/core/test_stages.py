@@ -300,6 +300,35 @@ def test_each_method_reads_the_stored_logps_of_its_own_anchor(tmp_path: Path) ->
     assert "anchor" not in plans["policy_sepo"].inputs and "ref_logps" not in plans["policy_sepo"].inputs
 
 
+def test_token_weighted_methods_read_the_stored_oracle_scores(tmp_path: Path) -> None:
+    assert "oracle_reverse" not in plan_graph(tiny(tmp_path)).plans  # trained only for TIS-DPO
+    cfg = tiny(tmp_path, **{"policy.methods": ["tgdpo", "tis_dpo", "sepo_dpo", "confpo"], "score.beta": 2.0})
+    plans = plan_graph(cfg).plans
+    tgdpo, tis, sepo_dpo, confpo = (plans[f"policy_{m}"] for m in ("tgdpo", "tis_dpo", "sepo_dpo", "confpo"))
+    # TGDPO: the oracle's raw token log-ratio on the policy's tokens (the selection's rewards / score.beta).
+    assert tgdpo.inputs["token_values"].stage == plans["select"].dirname
+    assert (tgdpo.section["token_values_column"], tgdpo.section["token_values_scale"]) == ("rewards", 0.5)
+    # TIS-DPO: weights from the oracle and a reverse oracle, both scored.
+    assert tis.inputs["token_values"].stage == plans["tis_weights"].dirname
+    assert plans["oracle_reverse"].section["reverse"] and not plans["oracle"].section["reverse"]
+    assert plans["score_reverse"].inputs["oracle"].stage == plans["oracle_reverse"].dirname
+    assert {"selection", "ref_logps"} <= set(sepo_dpo.inputs) and "ref_logps" in tgdpo.inputs
+    assert set(confpo.inputs) == {"data", "policy_init"}  # no oracle, no reference: the oracle-free baseline
+
+
+def test_tis_dpo_trains_on_weights_of_the_two_oracles(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    cfg = tiny(tmp_path, **{"policy.methods": ["tis_dpo"]})
+    policy = run_upto(cfg, "policy", "tis_dpo")
+    weights_dir = tmp_path / STORE / plan_graph(cfg).plans["tis_weights"].dirname
+    rows = pq.read_table(weights_dir / "weights.parquet").to_pylist()
+    weights = [w for row in rows for w in row["weights"][:-1]]  # EOS (last) aside
+    assert min(weights) == pytest.approx(0.7) and max(weights) == pytest.approx(1.3)
+    assert all(row["weights"][-1] == 0.0 for row in rows)  # special tokens get no weight
+    assert artifacts.read_manifest(policy)["metrics"]["steps"] > 0
+
+
 def test_stage_nodes_name_planned_stages(tmp_path: Path) -> None:
     plans = plan_graph(tiny(tmp_path)).plans
     for stage, node in stage_graph.STAGE_NODES.items():
