@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from selpo_core import progress
 from selpo_core.artifacts import atomic_write_json
 from selpo_core.batching import token_budget_batches
 from selpo_core.config import ScoreConfig
@@ -368,6 +369,7 @@ def _score_shard(
         counter.padded += len(rows) * max(r.total for r in rows)
         counter.seconds += time.perf_counter() - started
         bar.update(real)
+        progress.report(bar.desc, bar.n, bar.total)
     return out
 
 
