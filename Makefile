@@ -12,7 +12,7 @@ export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint bench bench-env venv vllm-env serve clean
+.PHONY: demo test lint bench bench-env venv vllm-env server serve files clean
 
 venv: $(STAMP)
 
@@ -44,8 +44,17 @@ bench-env:
 	.venv-bench/bin/python -m pip install -q "trl==1.16.0" "transformers==5.20.2" pyarrow pyyaml tqdm accelerate
 	.venv-bench/bin/python -m pip install -q --no-deps -e .
 
+# The Prefect UI: `make server` in one terminal (API + UI on 127.0.0.1:4200), `make serve` in another (the
+# deployments, and runs/ over HTTP on 127.0.0.1:4201 for the artifacts' links). PORT=N for another port.
+PORT ?= 4200
+server: $(STAMP)
+	$(BIN)/selpo server --port $(PORT)
+
 serve: $(STAMP)
-	$(BIN)/selpo serve
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PORT)/api} $(BIN)/selpo serve
+
+files: $(STAMP)
+	$(BIN)/selpo files
 
 # vLLM cannot share a venv with Prefect (conflicting pins): it gets its own, used by the generate stage as a
 # subprocess (generate.vllm_python). GPU hosts only.
