@@ -63,14 +63,17 @@ class UI:
     def wait_for_text(self, text: str, timeout: float = PAGE_TIMEOUT) -> None:
         wait_until(lambda: text in self.text(), f"{text!r} on {self.driver.current_url}", timeout, self.logs)
 
-    def click(self, text: str, css: str = "button, a, [role=menuitem], [role=tab]", timeout: float = PAGE_TIMEOUT
-              ) -> None:
-        """Click the first visible element of `css` whose text is `text` (waiting for it to appear)."""
+    def click(self, text: str, where: str = "self::button or self::a or @role='menuitem' or @role='tab'",
+              timeout: float = PAGE_TIMEOUT) -> None:
+        """Click the first visible element (matching the XPath test `where`) whose text is `text`, waiting for it.
+
+        One XPath query per try: asking the browser about each candidate element in turn took minutes."""
         from selenium.webdriver.common.by import By
 
+        xpath = f"//*[({where}) and normalize-space(.)='{text}']"
+
         def find() -> Any:
-            return next((el for el in self.driver.find_elements(By.CSS_SELECTOR, css)
-                         if el.is_displayed() and el.text.strip() == text), None)
+            return next((el for el in self.driver.find_elements(By.XPATH, xpath) if el.is_displayed()), None)
 
         wait_until(find, f"{text!r} to click on {self.driver.current_url}", timeout, self.logs)
         find().click()
@@ -216,9 +219,11 @@ def test_a_run_from_the_form_fails_is_fixed_retried_and_rerun_from_the_cache(ui:
     # 3. Fix the file, then Retry in the UI: the same flow run goes on from the failed stage.
     ui.prompts.write_text(GOOD_PROMPTS)
     ui.click("Open menu")
-    ui.click("Retry")
-    ui.wait_for_text("Will become")
-    ui.click("Retry", css="[role=alertdialog] button, [role=dialog] button")
+    ui.click("Retry", where="@role='menuitem'")
+    ui.wait_for_text("Will become")  # "Retry the flow run first UI run? ... Will become: AwaitingRetry"
+    time.sleep(1)  # the dialog slides in: a click while it moves can land beside the button
+    ui.click("Retry", where="self::button and ancestor::*[@role='alertdialog']")
+    wait_until(lambda: "Will become" not in ui.text(), "the Retry dialog to close", PAGE_TIMEOUT, ui.logs)
     retried = flow_run_named(ui, "first UI run", {"Completed"})
     assert retried.id == failed.id and retried.run_count == 2
     second_attempt = sorted(set(task_runs(ui, retried.id)) - set(first_attempt))
@@ -228,29 +233,31 @@ def test_a_run_from_the_form_fails_is_fixed_retried_and_rerun_from_the_cache(ui:
     assert ("write summary", "Completed") in second_attempt
     ui.driver.get(f"{ui.url}/v2/runs/flow-run/{retried.id}")
     ui.wait_for_text("Completed")
-    ui.wait_for_text("train oracle · cached")  # the graph's labels: reused stages say so
-    ui.shot("04-retried-run-graph")
+    ui.shot("04-retried-run-graph")  # the graph is a canvas: its labels are not in the page's text
+    ui.click("Task Runs")
+    ui.wait_for_text("train oracle · cached")  # reused stages say so in their names
+    ui.shot("05-retried-run-task-runs")
 
     # 4. The report artifact, its plot, and the heatmap link over HTTP (file:// links never open from the UI).
     ui.click("Artifacts")
     ui.wait_for_text("tiny-results")
-    ui.shot("05-artifacts")
-    ui.click("tiny-results", css="a, h3, div, span")
+    ui.shot("06-artifacts")
+    ui.click("tiny-results", where="not(*)")  # the card's title: an element with no child elements
     ui.wait_for_text("Token heatmap (excerpt)")
     plot = next(img for img in ui.driver.find_elements(By.CSS_SELECTOR, "img")
                 if "metrics.svg" in (img.get_attribute("src") or ""))
     wait_until(lambda: ui.driver.execute_script("return arguments[0].naturalWidth", plot) > 0, "the metrics plot",
                PAGE_TIMEOUT, ui.logs)
-    ui.shot("06-report-artifact")
+    ui.shot("07-report-artifact")
     heatmap = next(a.get_attribute("href") for a in ui.driver.find_elements(By.CSS_SELECTOR, "a")
                    if a.text.strip() == "token heatmap")
     assert heatmap.startswith(f"{ui.files}/tiny/select-") and heatmap.endswith("/token_heatmap.html")
     ui.driver.get(heatmap)
     assert ui.driver.title == "selpo token rewards (selected tokens boxed)"
-    ui.shot("07-heatmap-over-http")
+    ui.shot("08-heatmap-over-http")
     ui.driver.get(f"{ui.files}/tiny/")
     ui.wait_for_text("summary.json")
-    ui.shot("08-run-dir-listing")
+    ui.shot("09-run-dir-listing")
 
     # 5. The same config under another run name: every stage reused, shown as Cached.
     submit_custom_run(ui, "second UI run", run_name_parameter="tiny-second")
@@ -260,7 +267,7 @@ def test_a_run_from_the_form_fails_is_fixed_retried_and_rerun_from_the_cache(ui:
     ui.driver.get(f"{ui.url}/v2/runs/flow-run/{second.id}?tab=Task+Runs")
     ui.click("Task Runs")
     wait_until(lambda: ui.text().count("Cached") >= 13, "13 Cached task runs", PAGE_TIMEOUT, ui.logs)
-    ui.shot("09-second-run-all-cached")
+    ui.shot("10-second-run-all-cached")
     summary = json.loads((ui.runs_dir / "tiny-second" / "summary.json").read_text())
     assert all(row["cached"] for row in summary["stages"].values())
     print(f"\nbrowser test: {time.monotonic() - started:.0f} s after start-up; screenshots in {ui.shots}")
