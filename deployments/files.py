@@ -124,9 +124,15 @@ def serving_runs(runs_dir: str | Path, port: int) -> Iterator[str]:
     except OSError as err:  # most likely `selpo files` of the same runs dir is already up: links still work
         print(f"selpo files: cannot listen on {url} ({err}); artifact links assume it serves {root}",
               file=sys.stderr)
+    before = {name: os.environ.get(name) for name in (FILES_URL_ENV, FILES_ROOT_ENV)}
     os.environ[FILES_URL_ENV], os.environ[FILES_ROOT_ENV] = url, str(root)
     try:
         yield url
     finally:
         if server is not None:
             server.stop()
+        for name, value in before.items():  # this process's later runs must not link to a server that is gone
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -108,6 +108,7 @@ def test_serving_runs_tells_the_flow_runs_where_the_files_are(runs_dir: Path,
         link = file_url(runs_dir / "tiny" / "select-abc123" / "token_heatmap.html", runs_dir)
         assert link == f"{url}/tiny/select-abc123/token_heatmap.html"
         assert get(link)[0] == 200
+    assert FILES_URL_ENV not in os.environ and FILES_ROOT_ENV not in os.environ  # restored
 
 
 def test_file_urls_keep_the_run_view_and_refuse_outside_paths(runs_dir: Path,
