@@ -12,7 +12,7 @@ export PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint bench bench-env venv vllm-env serve clean
+.PHONY: demo test lint bench bench-env venv vllm-env browser-deps server serve files clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/selpo run configs/demo.yaml
 
-# The vLLM tests run for real (they fail, never skip, without .venv-vllm): make test builds it first.
-test: $(STAMP) vllm-env
+# The vLLM tests run for real (they fail, never skip, without .venv-vllm): make test builds it first, and the
+# Chromium the browser test drives (Debian's chromium + chromium-driver, where apt-get can install them).
+test: $(STAMP) vllm-env browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -45,8 +46,17 @@ bench-env:
 	.venv-bench/bin/python -m pip install -q "trl==1.16.0" "transformers==5.20.2" pyarrow pyyaml tqdm accelerate
 	.venv-bench/bin/python -m pip install -q --no-deps -e .
 
+# The Prefect UI: `make server` in one terminal (API + UI on 127.0.0.1:4200), `make serve` in another (the
+# deployments, and runs/ over HTTP on 127.0.0.1:4201 for the artifacts' links). PORT=N for another port.
+PORT ?= 4200
+server: $(STAMP)
+	$(BIN)/selpo server --port $(PORT)
+
 serve: $(STAMP)
-	$(BIN)/selpo serve
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PORT)/api} $(BIN)/selpo serve
+
+files: $(STAMP)
+	$(BIN)/selpo files
 
 # vLLM cannot share a venv with Prefect (conflicting pins): it gets its own, .venv-vllm, used by the generate stage
 # (and score.backend=vllm) as a subprocess. Any host: the official vllm where nvidia-smi sees a GPU, else
@@ -83,6 +93,13 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	! $(VLLM_VENV)/bin/python -c "import prefect" 2>/dev/null || { echo "vllm-env: prefect must not be here"; exit 1; }; \
 	touch $(VLLM_STAMP); \
 	echo "vllm-env: ready in $$(( $$(date +%s) - start ))s"
+
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver; \
+	else echo "browser-deps: no chromium and no root apt-get here: the browser test will skip"; fi
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -8,23 +8,15 @@ same config skips finished stages and resumes at the first one that is not.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 
+from flows.params import NO_OVERRIDES, Overrides, PolicyMethod, Text, flow_run_label, resolve
 from selpo_core.stages.graph import plan_graph, run_graph
 from tasks.report import format_table, write_summary
-from tasks.stage import prefect_run, resolve_config, run_config
-
-
-def flow_run_label() -> str:
-    """Readable flow-run names in the UI: "<run or config name>: <flow>" instead of Prefect's random ones."""
-    params = flow_run.parameters
-    label = params.get("run_name") or Path(params.get("config_path") or "defaults").stem
-    return f"{label}: {flow_run.flow_name}"
+from tasks.stage import prefect_run, run_config
 
 
 def run_all(config: dict[str, Any], title: str) -> dict[str, Any]:
@@ -39,30 +31,33 @@ def run_all(config: dict[str, Any], title: str) -> dict[str, Any]:
 
 
 @flow(name="sepo-pipeline", flow_run_name=flow_run_label)
-def sepo_pipeline(config_path: str | None = None, overrides: dict[str, Any] | None = None,
-                  run_name: str | None = None) -> dict[str, Any]:
+def sepo_pipeline(config_path: Text = "", overrides: Overrides = NO_OVERRIDES, run_name: Text = "") -> dict[str, Any]:
     """The whole selpo pipeline for one config; returns the summary (also in runs/RUN/summary.json).
 
     Args:
-        config_path: run config YAML (relative to the working directory); empty: the built-in synthetic demo.
+        config_path: run config YAML, relative to the directory `selpo serve` runs in; empty: the built-in
+            synthetic demo.
         overrides: config fields to change, e.g. {"policy.beta": 0.2, "policy.methods": ["sepo", "dpo"]}.
-        run_name: the run's name (default: the config's `name`); its results go to runs_dir/run_name.
+        run_name: the run's name (empty: the config's name); its results go to the folder of that name in runs_dir.
     """
-    return run_all(resolve_config(config_path, overrides, run_name), title="sepo pipeline")
+    return run_all(resolve(config_path, overrides, run_name), title="sepo pipeline")
 
 
 @flow(name="compare-methods", flow_run_name=flow_run_label)
-def compare_methods(config_path: str | None = None, overrides: dict[str, Any] | None = None,
-                    methods: list[str] | None = None, run_name: str | None = None) -> dict[str, Any]:
+def compare_methods(config_path: Text = "", overrides: Overrides = NO_OVERRIDES,
+                    methods: tuple[PolicyMethod, ...] = (), run_name: Text = "") -> dict[str, Any]:
     """Train several policy methods from the SAME oracle, scores and selection, and compare them.
 
     The oracle, scoring and selection do not depend on the methods, so they come from the cache when the run
     has them; each method's policy is its own cached stage too (adding a method trains only that one).
 
     Args:
-        methods: policy methods, e.g. ["sepo", "dpo", "ipo"] (default: the config's policy.methods).
+        config_path: run config YAML, relative to the directory `selpo serve` runs in; empty: the built-in
+            synthetic demo.
+        overrides: config fields to change, e.g. {"policy.beta": 0.2}.
+        methods: policy methods to train and compare, e.g. ["sepo", "dpo", "ipo"] (empty: the config's
+            policy.methods).
+        run_name: the run's name (empty: the config's name); its results go to the folder of that name in runs_dir.
     """
-    overrides = copy.deepcopy(overrides or {})
-    if methods:
-        overrides["policy.methods"] = list(methods)
-    return run_all(resolve_config(config_path, overrides, run_name), title="method comparison")
+    changed = {**(overrides or {}), **({"policy.methods": list(methods)} if methods else {})}
+    return run_all(resolve(config_path, changed, run_name), title="method comparison")

@@ -10,24 +10,23 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import flow_run_label
+from flows.params import NO_OVERRIDES, Overrides, Text, flow_run_label, resolve
 from selpo_core.stages.graph import plan_graph, run_graph
 from selpo_core.tso import format_rounds, round_dirs
-from tasks.stage import prefect_run, resolve_config, run_config
+from tasks.stage import prefect_run, run_config
 from tasks.tso import publish_tso
 
 
 @flow(name="tso", flow_run_name=flow_run_label)
-def tso_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None,
-             run_name: str | None = None) -> dict[str, Any]:
+def tso_flow(config_path: Text = "", overrides: Overrides = NO_OVERRIDES, run_name: Text = "") -> dict[str, Any]:
     """TSO self-training: rounds of model-matrix candidates, judged pairs and dual-clip DPO (docs/TSO.md).
 
     Args:
         config_path: run config YAML with an optional `tso:` section; empty: the synthetic demo, TSO defaults.
         overrides: fields to change, e.g. {"tso.rounds": 2, "tso.generators": ["initial"], "policy.beta": 0.2}.
-        run_name: the run's name (default: the config's `name`); its results go to runs_dir/run_name.
+        run_name: the run's name (empty: the config's name); its results go to the folder of that name in runs_dir.
     """
-    config = resolve_config(config_path, overrides, run_name)
+    config = resolve(config_path, overrides, run_name)
     cfg = run_config(config)
     graph = plan_graph(cfg, tso=True)
     records: dict[str, dict[str, Any]] = {}

@@ -1,4 +1,4 @@
-"""Preference losses as pure functions of per-token log-probs (formulas: shared/design/METHODS.md).
+"""Preference losses as pure functions of per-token log-probs (formulas: docs/METHODS.md).
 
 Every loss takes per-token log-probs [B, T] aligned to `input_ids` (chosen and rejected already split, see
 docs/CONTRACTS.md) and bool masks [B, T], and returns `(losses [B], chosen_rewards [B], rejected_rewards [B])`
@@ -69,7 +69,7 @@ def ipo_loss(
     """IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences"
     (arXiv 2310.12036).
 
-    h = (S_w - S_w^ref) - (S_l - S_l^ref) on SUMMED log-ratios, as in the paper and METHODS.md;
+    h = (S_w - S_w^ref) - (S_l - S_l^ref) on SUMMED log-ratios, as in the paper and docs/METHODS.md;
     L = (h - 1 / (2 beta))^2. Note TRL's "ipo" averages the log-probs over tokens instead, so its beta is
     not interchangeable with this one. Rewards: beta * (S - S^ref).
     """

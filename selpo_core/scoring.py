@@ -1,7 +1,7 @@
 """Offline token scoring: oracle and reference log-probs of every response token -> Parquet shards.
 
 r(y_t) = beta * (log pi_oracle(y_t) - log pi_ref(y_t)) for every token (EOS included) of every chosen and
-rejected response (shared/design/METHODS.md, SePO step 2). One Parquet row per response, see SCORE_SCHEMA.
+rejected response (docs/METHODS.md, SePO step 2). One Parquet row per response, see SCORE_SCHEMA.
 
 Plan. All responses are ordered by total length (prompt + response), so neighbours pad little, and cut into
 shards of `cfg.shard_rows` responses; inside a shard, `token_budget_batches` forms the forward batches. The
@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from selpo_core import progress
 from selpo_core.artifacts import atomic_write_json
 from selpo_core.atomic import remove_dead_leftovers, temp_path
 from selpo_core.batching import token_budget_batches
@@ -384,6 +385,7 @@ def _score_shard(
         counter.padded += len(rows) * max(r.total for r in rows)
         counter.seconds += time.perf_counter() - started
         bar.update(real)
+        progress.report(bar.desc, bar.n, bar.total)
     return out
 
 

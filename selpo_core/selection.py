@@ -7,7 +7,7 @@ Every rule returns a bool ``selected [N, L]`` that is a subset of ``mask``; no g
 Tokens that must never be selected (EOS, BOS, pad, chat-template markers) are simply left out of ``mask``:
 counts then follow the selectable tokens, max(1, floor(k * n_selectable)) (see ``selection_stage``).
 
-Rules (see shared/design/METHODS.md):
+Rules (docs/METHODS.md):
 - ``sepo_select`` / ``topk_mask``: SePO, per response, count = max(1, floor(k * n_tokens)); chosen keeps
   its highest rewards, rejected its lowest; ties go to the earliest position.
 - ``global_threshold_select``: one threshold per side over all tokens of that side (a dataset-global

@@ -1,4 +1,4 @@
-"""The built-in task with known token rewards (see shared/design/SYNTHETIC.md).
+"""The built-in task with known token rewards (docs/SYNTHETIC.md).
 
 A response is a sequence of words. Filler words are worth 0, positive key words +1, negative key words -1
 (or graded: `positive_rewards` / `negative_rewards` give several magnitudes, spread evenly over the key

@@ -43,6 +43,7 @@ from accelerate.utils import parse_flag_from_env, send_to_device, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from selpo_core import progress
 from selpo_core.batching import length_bucketed_batches
 from selpo_core.checkpoints import TRAINER_STATE, latest_checkpoint, read_state, resumable_checkpoint, save_checkpoint
 from selpo_core.config import TrainConfig
@@ -229,6 +230,8 @@ def _train(accelerator: Accelerator, model: Any, step_fn: StepFn, items: Sequenc
         step, micro = step + 1, micro + 1  # the data position is now the micro-batch after the one consumed
         window.add_step(grad_norm, lr)
         bar.update(1)
+        if accelerator.is_main_process:
+            progress.report(desc, step, cfg.max_steps)
 
         if step % cfg.log_every == 0 or step == max_steps:
             last_metrics = window.flush(accelerator, epoch=epoch + micro / n_micro)

@@ -24,6 +24,7 @@ from selpo_core.config import RunConfig, from_dict, load_run_config, replace, to
 from selpo_core.stages.plan import StagePlan, store_dir
 from selpo_core.stages.runner import execute, stage_dir, verify_stage
 from tasks.launch import launched
+from tasks.progress import stage_progress
 
 log = logging.getLogger("selpo.tasks")
 # PREFECT_LOGGING_EXTRA_LOGGERS=selpo gives the library's loggers Prefect's handlers (console + the run's logs in
@@ -79,14 +80,23 @@ def retry_on_io_error(task: Task[..., Any], task_run: TaskRun, state: State[Any]
 @task(name="stage", cache_key_fn=plan_cache_key, persist_result=True, result_serializer="json", retries=2,
       retry_delay_seconds=[10, 60], retry_condition_fn=retry_on_io_error)
 def run_stage(config: dict[str, Any], plan: dict[str, Any]) -> str:
-    """Run one planned stage (or reuse it) and return its directory."""
+    """Run one planned stage (or reuse it) and return its directory; a long loop shows a progress artifact."""
     cfg, stage_plan = run_config(config), StagePlan.from_dict(plan)
-    return str(launched(cfg, stage_plan) or execute(cfg, stage_plan))
+    with stage_progress(stage_plan.title):
+        return str(launched(cfg, stage_plan) or execute(cfg, stage_plan))
+
+
+CACHED_MARK = " · cached"
+"""Ends the task-run name of a stage reused from the store: the UI's graph draws Cached in Completed's green."""
+
+
+def task_run_title(plan: StagePlan, reused: bool) -> str:
+    return plan.title + CACHED_MARK if reused else plan.title
 
 
 def prefect_run(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> Callable[[StagePlan], Path]:
-    """The graph's `run` in a flow: one task run per stage, named after it; `records` gets {seconds, cached,
-    state, dir} per stage (summary.json's "stages").
+    """The graph's `run` in a flow: one task run per stage, named after it (" · cached" when reused); `records`
+    gets {seconds, cached, state, dir, title} per stage (summary.json's "stages").
 
     A Prefect cache hit is honoured only while its stage dir verifies: after the dir was deleted or damaged the
     task runs with `refresh_cache=True`, so it recomputes and overwrites the stale cache record.
@@ -94,14 +104,22 @@ def prefect_run(config: dict[str, Any], records: dict[str, dict[str, Any]]) -> C
     cfg = run_config(config)
 
     def run(plan: StagePlan) -> Path:
-        stage_task = run_stage.with_options(name=plan.kind, task_run_name=plan.title)
-        if verify_stage(stage_dir(cfg, plan)) is not None:
+        # Known before submitting: a verified stage dir is reused (a Prefect cache hit, or the runner's own reuse).
+        reused = verify_stage(stage_dir(cfg, plan)) is None
+        stage_task = run_stage.with_options(name=plan.kind, task_run_name=task_run_title(plan, reused))
+        if not reused:
             # Only ever force a refresh: leaving it unset keeps a global PREFECT_TASKS_REFRESH_CACHE=true working.
             stage_task = stage_task.with_options(refresh_cache=True)
         started = time.perf_counter()
         state = stage_task(config, plan.to_dict(), return_state=True)
-        records[plan.name] = {"seconds": round(time.perf_counter() - started, 2), "cached": state.name == "Cached",
-                              "state": state.name, "dir": str(stage_dir(cfg, plan))}
-        return Path(state.result())  # raises the stage's exception when the task failed
+        records[plan.name] = {"seconds": round(time.perf_counter() - started, 2),
+                              "cached": reused or state.name == "Cached", "state": state.name,
+                              "dir": str(stage_dir(cfg, plan)), "title": plan.title}
+        path = Path(state.result())  # raises the stage's exception when the task failed
+        if reused:
+            # A Prefect cache hit runs no body, so nothing linked this run's view of the stage
+            # (<run>/<stage>-<key>): for a verified stage, execute() only does that.
+            execute(cfg, plan)
+        return path
 
     return run

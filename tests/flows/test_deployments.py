@@ -65,14 +65,79 @@ def test_serve_builds_every_deployment_with_an_inactive_schedule() -> None:
     from flows import STAGE_FLOWS
 
     deployments = build_deployments("configs/tiny.yaml", {"policy.beta": 0.2})
-    assert [d.name for d in deployments] == ["tiny", "tiny", "tso-demo"] + ["tiny"] * len(STAGE_FLOWS)
+    names = [d.name for d in deployments]
+    assert names[:3] == ["SePO pipeline (tiny)", "compare methods (tiny)", "TSO rounds (tso_demo)"]
+    assert names[3:] == [f"stage {i}: {what} (tiny)" for i, what in enumerate(
+        ["data", "SFT", "train oracle", "score tokens", "select key tokens", "train policy", "generate", "evaluate"],
+        start=1)]
+    assert len(set(names)) == len(names) == 3 + len(STAGE_FLOWS)  # no two deployments look alike in the UI
     assert deployments[2].flow_name == "tso"
     pipeline = deployments[0]
     assert pipeline.flow_name == "sepo-pipeline"
     assert pipeline.parameters == {"config_path": "configs/tiny.yaml", "overrides": {"policy.beta": 0.2},
-                                   "run_name": None}
-    assert [schedule.active for schedule in pipeline.schedules] == [False]
+                                   "run_name": ""}
+    assert [(schedule.active, schedule.slug) for schedule in pipeline.schedules] == [(False, "nightly")]
     assert deployments[1].parameters["methods"]
+    for deployment in deployments:  # a one-paragraph description; the parameters' own are in the form
+        assert deployment.description and "Args:" not in deployment.description, deployment.name
+
+
+def test_parameter_forms_have_types_defaults_and_plain_descriptions() -> None:
+    """What Prefect's UI draws: every parameter has a type and a default (no anyOf/null), the policy methods are a
+    select, and no description holds <...>, which the UI's markdown reads as HTML and drops."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows import STAGE_FLOWS, compare_methods, sepo_pipeline, tso_flow
+    from selpo_core.config import POLICY_METHODS
+
+    for flow in [sepo_pipeline, compare_methods, tso_flow, *STAGE_FLOWS.values()]:
+        properties = parameter_schema(flow.fn).model_dump_for_openapi()["properties"]
+        for name, prop in properties.items():
+            assert "type" in prop and "default" in prop, (flow.name, name, prop)
+            assert prop.get("description"), (flow.name, name)
+            assert "<" not in prop["description"], (flow.name, name, prop["description"])
+        assert properties["config_path"] == {**properties["config_path"], "type": "string", "default": ""}
+        assert properties["overrides"]["type"] == "object" and properties["overrides"]["default"] == {}
+    policy = parameter_schema(STAGE_FLOWS["policy"].fn).model_dump_for_openapi()["properties"]["method"]
+    assert policy["enum"] == list(POLICY_METHODS) and policy["default"] == "sepo"
+    methods = parameter_schema(compare_methods.fn).model_dump_for_openapi()["properties"]["methods"]
+    assert methods["type"] == "array" and methods["items"]["enum"] == list(POLICY_METHODS)
+
+
+def test_parameters_accept_the_old_none_values() -> None:
+    """Older calls pass None for "not given": still valid for the typed parameters."""
+    from flows import compare_methods, sepo_pipeline
+
+    assert sepo_pipeline.validate_parameters({"config_path": None, "overrides": None, "run_name": None}) == {
+        "config_path": "", "overrides": {}, "run_name": ""}
+    assert compare_methods.validate_parameters({"methods": ["sepo", "dpo"]})["methods"] == ("sepo", "dpo")
+    with pytest.raises(Exception, match="methods.0: Input should be .sepo."):
+        compare_methods.validate_parameters({"methods": ["nope"]})
+
+
+def test_default_overrides_cannot_be_changed_by_one_call() -> None:
+    from flows.params import NO_OVERRIDES
+
+    with pytest.raises(TypeError, match="read-only"):
+        NO_OVERRIDES["policy.beta"] = 0.2  # type: ignore[index]
+    assert dict(NO_OVERRIDES) == {}
+
+
+@pytest.mark.parametrize(("current", "run_name", "expected"), [
+    ("witty-penguin", "", "tiny · sepo-pipeline · witty-penguin"),  # Prefect's own name: made readable
+    ("Handmade-Collie", "beta02", "beta02 · sepo-pipeline · Handmade-Collie"),  # the UI form's made-up name
+    ("my beta sweep", "", "my beta sweep"),  # typed by the user: kept
+    ("beta_0.2", "beta02", "beta_0.2"),
+    ("tiny · sepo-pipeline · witty-penguin", "", "tiny · sepo-pipeline · witty-penguin"),  # a Retry: unchanged
+])
+def test_flow_run_names_keep_a_typed_name_and_stay_unique(monkeypatch: pytest.MonkeyPatch, current: str,
+                                                          run_name: str, expected: str) -> None:
+    from flows import params
+
+    fake = type("Runtime", (), {"name": current, "flow_name": "sepo-pipeline",
+                                "parameters": {"config_path": "configs/tiny.yaml", "run_name": run_name}})
+    monkeypatch.setattr(params, "flow_run", fake)
+    assert params.flow_run_label() == expected
 
 
 def test_parse_sets_reads_yaml_values() -> None:

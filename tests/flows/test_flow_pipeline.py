@@ -20,6 +20,7 @@ FAIL_AT = "score"
 BEFORE = ["make synthetic task", "prepare data", "SFT reference", "train oracle"]
 FROM_FAILED = ["score tokens", "select key tokens", "generate [reference]", "train policy [sepo]", "generate [sepo]",
                "evaluate [sepo]", "train policy [dpo]", "generate [dpo]", "evaluate [dpo]"]
+CACHED = " · cached"  # the task-run name of a reused stage ends so (tasks/stage.py)
 STAGE_RECORDS = ["synthetic", "data", "sft_reference", "oracle", "score", "select", "generate_reference", "policy_sepo",
                  "generate_sepo", "evaluate_sepo", "policy_dpo", "generate_dpo", "evaluate_dpo"]
 
@@ -83,12 +84,32 @@ def test_whole_pipeline_writes_summary_and_artifacts(resumed_run: ResumedRun) ->
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[resumed_run.flow_run_id])))
-    by_key = {artifact.key: artifact for artifact in artifacts}
-    assert {"tiny-results", "tiny-dir", "tiny-token-heatmap"} <= set(by_key)
-    assert "| method | reward gain" in by_key["tiny-results"].data
-    assert "token_heatmap.html" in by_key["tiny-token-heatmap"].data
+    by_key = {artifact.key: artifact for artifact in artifacts if artifact.key}
+    assert set(by_key) == {"tiny-results", "tiny-methods", "tiny-stages", "tiny-oracle", "tiny-dir",
+                           "tiny-token-heatmap"}
+    # Their place in the run's fixed order leads every description (the UI orders the cards by random ids).
+    assert sorted(artifact.description[:3] for artifact in by_key.values()) == [f"{i}/6" for i in range(1, 7)]
+    report = by_key["tiny-results"].data
+    assert "| method | reward gain" in report and "| stage | seconds | cached |" in report
+    assert (resumed_run.runs_dir / "tiny" / "report.md").read_text() == report
+    assert (resumed_run.runs_dir / "tiny" / "metrics.svg").read_text().startswith("<svg")
+    # Links go through the file server (http), never file://, to the run's own views of the stage dirs.
+    assert "file://" not in report and "http://127.0.0.1:4201/tiny/metrics.svg" in report
+    select_view = Path(resumed_run.summary["stages"]["select"]["dir"]).name
+    assert f"http://127.0.0.1:4201/tiny/{select_view}/token_heatmap.html" in by_key["tiny-token-heatmap"].data
     assert "| pair | side | response |" in by_key["tiny-token-heatmap"].data  # the embedded excerpt
-    assert by_key["tiny-dir"].data.startswith("[") or "file://" in str(by_key["tiny-dir"].data)
+    assert "http://127.0.0.1:4201/tiny/" in by_key["tiny-dir"].data
+    methods = {row["method"]: row for row in json.loads(by_key["tiny-methods"].data)}
+    assert set(methods) == {"sepo", "dpo"} and "reward_gain" in methods["sepo"]
+    stages = {row["stage"]: row for row in json.loads(by_key["tiny-stages"].data)}
+    assert [stages[name]["cached"] for name in BEFORE + FROM_FAILED] == ["yes"] * 4 + ["no"] * 9
+    assert all(row["directory"].startswith("http://127.0.0.1:4201/tiny/") for row in stages.values())
+    assert {row["metric"] for row in json.loads(by_key["tiny-oracle"].data)} >= {"token_auroc", "selection_precision"}
+    # Training and scoring showed their progress; reused stages (no body ran) added none.
+    progress = [artifact for artifact in artifacts if artifact.type == "progress"]
+    assert sorted(artifact.description.split(":")[0] for artifact in progress) == [
+        "score tokens", "train policy [dpo]", "train policy [sepo]"]
+    assert all(artifact.data == 100.0 for artifact in progress)
 
 
 def test_failed_run_resumes_at_the_failed_stage(resumed_run: ResumedRun) -> None:
@@ -98,7 +119,7 @@ def test_failed_run_resumes_at_the_failed_stage(resumed_run: ResumedRun) -> None
     assert not set(FROM_FAILED[1:]) & set(resumed_run.failed_states)
     assert resumed_run.failed_calls == {"synthetic": 1, "data": 1, "sft_reference": 1, "oracle": 1, "score": 1}
     # The re-run: stages < k come from the cache (never called), stages >= k run, each once.
-    assert {name: resumed_run.resumed_states[name] for name in BEFORE} == dict.fromkeys(BEFORE, "Cached")
+    assert {name: resumed_run.resumed_states[name + CACHED] for name in BEFORE} == dict.fromkeys(BEFORE, "Cached")
     assert {name: resumed_run.resumed_states[name] for name in FROM_FAILED} == dict.fromkeys(FROM_FAILED, "Completed")
     assert resumed_run.resumed_calls == dict.fromkeys(STAGE_RECORDS[4:], 1)
     cached = {name: row["cached"] for name, row in resumed_run.summary["stages"].items()}
@@ -109,8 +130,24 @@ def test_new_run_with_same_inputs_reuses_everything(resumed_run: ResumedRun, sta
     state, states = run_pipeline(resumed_run.overrides)
     assert state.is_completed()
     assert stage_calls.ran() == {}
-    assert {name: states[name] for name in BEFORE + FROM_FAILED} == dict.fromkeys(BEFORE + FROM_FAILED, "Cached")
+    assert {name: states[name + CACHED] for name in BEFORE + FROM_FAILED} == dict.fromkeys(BEFORE + FROM_FAILED,
+                                                                                          "Cached")
     assert all(row["cached"] for row in state.result()["stages"].values())
+
+
+def test_another_run_name_reuses_every_stage_from_the_store(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
+    """Equal stage keys, whatever the run's name: the new run's dir holds links to the same stage dirs."""
+    state, states = run_pipeline(resumed_run.overrides, run_name="tiny-again")
+    assert state.is_completed()
+    assert stage_calls.ran() == {}
+    assert all(states[name + CACHED] == "Cached" for name in BEFORE + FROM_FAILED)
+    summary = state.result()
+    assert [row["dir"] for row in summary["stages"].values()] == [
+        row["dir"] for row in resumed_run.summary["stages"].values()]
+    run_dir = resumed_run.runs_dir / "tiny-again"
+    for row in summary["stages"].values():
+        view = run_dir / Path(row["dir"]).name
+        assert view.is_symlink() and view.resolve() == Path(row["dir"]).resolve()
 
 
 def test_changing_policy_beta_reruns_exactly_the_dependent_stages(resumed_run: ResumedRun,
@@ -120,7 +157,9 @@ def test_changing_policy_beta_reruns_exactly_the_dependent_stages(resumed_run: R
     # beta is a parameter of dpo's loss, not of sepo's: only dpo and what reads its policy re-run.
     assert stage_calls.ran() == {"policy_dpo": 1, "generate_dpo": 1, "evaluate_dpo": 1}
     rerun = {"train policy [dpo]", "generate [dpo]", "evaluate [dpo]"}
-    assert {name for name in BEFORE + FROM_FAILED if states[name] != "Cached"} == rerun
+    assert {name for name in BEFORE + FROM_FAILED if name in states} == rerun
+    assert {states[name] for name in rerun} == {"Completed"}
+    assert {states[name + CACHED] for name in BEFORE + FROM_FAILED if name not in rerun} == {"Cached"}
 
 
 def test_deleting_a_cached_artifact_recomputes_it(resumed_run: ResumedRun, stage_calls: StageCalls) -> None:
@@ -131,7 +170,7 @@ def test_deleting_a_cached_artifact_recomputes_it(resumed_run: ResumedRun, stage
     assert state.is_completed()
     assert (oracle_dir / "manifest.json").is_file()
     assert states["train oracle"] == "Completed" and stage_calls["oracle"] == 1
-    assert [states[name] for name in BEFORE[:3]] == ["Cached"] * 3
+    assert [states[name + CACHED] for name in BEFORE[:3]] == ["Cached"] * 3
     # Same config and inputs -> same key, same directory, the same bytes: what depends on the oracle is still
     # valid and stays cached.
     assert (oracle_dir / "model" / "model.safetensors").read_bytes() == weights

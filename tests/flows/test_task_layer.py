@@ -115,3 +115,43 @@ def test_heatmap_excerpt_marks_selected_tokens(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
     excerpt = heatmap_excerpt(path)
     assert "| abc12345 | chosen | **good** cat | good (+1.50) |" in excerpt
+
+
+def test_stage_progress_creates_one_artifact_and_rate_limits_updates(monkeypatch: pytest.MonkeyPatch) -> None:
+    from selpo_core import progress
+    from tasks import progress as task_progress
+
+    calls: list[tuple[str, float, str]] = []
+    monkeypatch.setattr(task_progress, "create_progress_artifact",
+                        lambda percent, description: calls.append(("create", percent, description)) or "id-1")
+    monkeypatch.setattr(task_progress, "update_progress_artifact",
+                        lambda artifact_id, percent, description: calls.append(("update", percent, description)))
+    progress.report("nobody listens", 1, 2)  # no listener: nothing happens
+    with task_progress.stage_progress("train oracle") as listener:
+        listener.every = 3600.0  # only the first report, the last step and the end get through
+        for step in range(1, 121):
+            progress.report("oracle", step, 120)
+    progress.report("oracle", 1, 120)  # after the block: not listened to any more
+    assert calls[0] == ("create", 100 / 120, "train oracle: oracle 1/120")
+    assert calls[1:] == [("update", 100.0, "train oracle: oracle 120/120")] * 2
+    assert listener.artifact_id == "id-1"
+
+
+def test_a_stage_without_progress_reports_adds_no_artifact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks import progress as task_progress
+
+    monkeypatch.setattr(task_progress, "create_progress_artifact", lambda *a, **k: pytest.fail("created"))
+    with task_progress.stage_progress("prepare data") as listener:
+        pass
+    assert listener.artifact_id is None
+
+
+def test_metrics_plot_marks_every_method_with_numbers() -> None:
+    from tasks.plots import metrics_svg
+
+    svg = metrics_svg({"sepo": {"reward_gain": 2.5, "kl": 10.0}, "dpo": {"reward_gain": 0.5, "kl": 1.5},
+                       "ipo": {"reward_gain": None, "kl": 1.0}, "<x>": {"reward_gain": 1.0, "kl": float("nan")}},
+                      "run <tiny>")
+    assert svg is not None and svg.startswith("<svg") and svg.count("<circle") == 2
+    assert ">sepo</text>" in svg and ">dpo</text>" in svg and "ipo" not in svg and "run &lt;tiny&gt;" in svg
+    assert metrics_svg({"sepo": {"reward_gain": None, "kl": None}}, "t") is None

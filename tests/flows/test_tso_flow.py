@@ -54,10 +54,13 @@ def test_failed_round_two_resumes_without_rerunning_round_one(tso_runs: TSORuns)
     assert "TSO round 2 · generate" not in failed
     # Resumed run: only what round 2 had left ran; everything else came from Prefect's cache.
     assert tso_runs.resumed_calls == dict.fromkeys([name.format(r=2) for name in ROUND_STAGES[3:]], 1)
-    expected = {f"TSO round {r} · {step}" for r in (1, 2) for step in ROUND_TASKS}
+    # Reused stages say so in their names (" · cached"): all of round 1, and round 2 up to its pairs.
+    expected = {f"TSO round 1 · {step} · cached" for step in ROUND_TASKS}
+    expected |= {f"TSO round 2 · {step}" + (" · cached" if i < 3 else "") for i, step in enumerate(ROUND_TASKS)}
     resumed = task_run_states(tso_runs.resumed.state_details.flow_run_id, expected | {"publish TSO rounds"})
-    assert {resumed[f"TSO round 1 · {step}"] for step in ROUND_TASKS} == {"Cached"}
-    assert [resumed[f"TSO round 2 · {step}"] for step in ROUND_TASKS] == ["Cached"] * 3 + ["Completed"] * 3
+    assert {resumed[f"TSO round 1 · {step} · cached"] for step in ROUND_TASKS} == {"Cached"}
+    assert [resumed[f"TSO round 2 · {step} · cached"] for step in ROUND_TASKS[:3]] == ["Cached"] * 3
+    assert [resumed[f"TSO round 2 · {step}"] for step in ROUND_TASKS[3:]] == ["Completed"] * 3
     cached = {name: row["cached"] for name, row in tso_runs.summary["stages"].items()}
     assert cached["policy_tso_round1"] and cached["tso_round2_pairs"] and not cached["policy_tso_round2"]
 
