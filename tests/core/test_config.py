@@ -61,5 +61,6 @@ def test_oracle_and_policy_carry_their_own_loss_params() -> None:
 
     cfg = load_run_config(None, ["oracle.loss=simpo", "oracle.simpo_beta=3.0", "policy.simpo_beta=5.0"])
     assert isinstance(cfg.oracle, LossParams) and isinstance(cfg.policy, LossParams)
-    # The oracle's SimPO scale is its own field, no longer its DPO beta.
-    assert (cfg.oracle.simpo_beta, cfg.oracle.beta, cfg.policy.simpo_beta) == (3.0, 0.1, 5.0)
+    # The oracle's SimPO scale is its own field, no longer its DPO beta (whose default is the oracle's own).
+    assert (cfg.oracle.simpo_beta, cfg.oracle.beta, cfg.policy.simpo_beta) == (3.0, 1.0, 5.0)
+    assert cfg.policy.beta == 0.1
