@@ -43,6 +43,9 @@ BETAS = (0.01, 0.03, 0.1, 0.3)
 LRS = (3e-5, 1e-4, 2e-4, 5e-4)
 BETA_METHODS = ("dpo", "sepo_dpo", "selective_dpo", "tdpo2", "tgdpo", "tis_dpo")
 LR_METHODS = ("sepo", "confpo", "simpo")
+DPO_LRS = (1e-3, 2e-3, 5e-3)
+"""DPO, the baseline, also gets larger learning rates (at the default beta): its beta sweep alone stays below KL ~2,
+and a method must not "beat" DPO at a KL that DPO was never given the chance to reach."""
 MATCHED_KL = (1.0, 2.0, 5.0, 10.0)
 SELECTIVE = ("sepo", "sepo_dpo", "selective_dpo", "tgdpo", "tis_dpo", "confpo")
 """The selective and token-weighted methods, each held against DPO at matched KL."""
@@ -67,6 +70,8 @@ def points(methods: list[str], quick: bool) -> list[Point]:
             out += [Point(method, "policy.train.lr", lr) for lr in lrs]
         else:
             out += [Point(method, "policy.beta", beta) for beta in betas]
+        if method == "dpo":
+            out += [Point(method, "policy.train.lr", lr) for lr in (DPO_LRS[:1] if quick else DPO_LRS)]
     return out
 
 
@@ -134,16 +139,17 @@ def summarize(rows: list[dict[str, Any]], seeds: int) -> dict[str, Any]:
             summary["eos_rate"][f"{task}/{method}"] = stats([r["eos_rate"] for r in rows
                                                              if r["task"] == task and r["method"] == method])
             if method in SELECTIVE:
-                summary["beats_dpo"][f"{task}/{method}"] = {
-                    k: sum(1 for s in range(seeds) if _beats(table.get((task, method, s), {}).get(k),
-                                                            table.get((task, "dpo", s), {}).get(k)))
-                    for k in MATCHED_KL}
+                # (wins, seeds where both reach k): a KL DPO does not reach is no comparison at all.
+                summary["beats_dpo"][f"{task}/{method}"] = {k: _wins(table, task, method, k, seeds) for k in MATCHED_KL}
     return summary
 
 
-def _beats(ours: float | None, dpo: float | None) -> bool:
-    """A method beats DPO at k when it reaches k and gains more (DPO not reaching k counts as a win)."""
-    return ours is not None and (dpo is None or ours > dpo)
+def _wins(table: dict[tuple[str, str, int], dict[float, float | None]], task: str, method: str, k: float,
+          seeds: int) -> list[int]:
+    """[seeds where the method gains more than DPO at KL k, seeds where both reach k]."""
+    pairs = [(table.get((task, method, s), {}).get(k), table.get((task, "dpo", s), {}).get(k)) for s in range(seeds)]
+    both = [(ours, dpo) for ours, dpo in pairs if ours is not None and dpo is not None]
+    return [sum(1 for ours, dpo in both if ours > dpo), len(both)]
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -190,11 +196,12 @@ def report(summary: dict[str, Any], seeds: int) -> str:
             rows.append([method, *[pm(cells[k], 2) if cells[k]["n"] == seeds else
                                    (f"{pm(cells[k], 2)} ({cells[k]['n']}/{seeds} seeds reach it)" if cells[k]["n"]
                                     else "not reached") for k in MATCHED_KL],
-                         " ".join(f"{wins[k]}/{seeds}" for k in MATCHED_KL) if wins else "-",
+                         " ".join(f"{wins[k][0]}/{wins[k][1]}" if wins[k][1] else "n/a" for k in MATCHED_KL)
+                         if wins else "-",
                          pm(summary["eos_rate"][key], 2)])
         lines += [f"\ntask {task}: true reward gain at matched KL (mean ± std over seeds)",
-                  markdown_table(["method", *[f"KL {k:g}" for k in MATCHED_KL], "beats dpo (seeds, per KL)",
-                                  "ends with EOS"], rows)]
+                  markdown_table(["method", *[f"KL {k:g}" for k in MATCHED_KL],
+                                  "beats dpo (seeds won / both reach, per KL)", "ends with EOS"], rows)]
     return "\n".join(lines)
 
 

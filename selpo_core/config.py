@@ -622,6 +622,12 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be true or false, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads `3e-5` (no dot) as a string; it is the usual way to write a learning rate.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         return float(value)

@@ -64,3 +64,12 @@ def test_oracle_and_policy_carry_their_own_loss_params() -> None:
     # The oracle's SimPO scale is its own field, no longer its DPO beta (whose default is the oracle's own).
     assert (cfg.oracle.simpo_beta, cfg.oracle.beta, cfg.policy.simpo_beta) == (3.0, 1.0, 5.0)
     assert cfg.policy.beta == 0.1
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    # PyYAML reads `3e-5` as a string (YAML 1.1 wants `3.0e-5`): a learning rate written so must still load.
+    (tmp_path / "run.yaml").write_text("policy:\n  train:\n    lr: 3e-5\n")
+    cfg = load_run_config(tmp_path / "run.yaml", ["oracle.train.lr=2e-4"])
+    assert (cfg.policy.train.lr, cfg.oracle.train.lr) == (3e-5, 2e-4)
+    with pytest.raises(ConfigError, match="policy.train.lr must be a number"):
+        load_run_config(None, ["policy.train.lr=fast"])

@@ -31,3 +31,12 @@ def test_matched_table_per_method_and_seed() -> None:
     table = matched(rows([(1.0, 1.0), (10.0, 4.0)], "a") + rows([(2.0, 0.5)], "b", seed=1))
     assert table[("t", "a", 0)][5.0] == pytest.approx(1.0 + 3.0 * 4 / 9)
     assert table[("t", "b", 1)][1.0] == pytest.approx(0.25) and table[("t", "b", 1)][5.0] is None
+
+
+def test_wins_count_only_seeds_where_dpo_reaches_the_kl() -> None:
+    from benchmarks.frontier import _wins
+
+    table = matched(rows([(1.0, 1.0), (10.0, 4.0)], "sepo") + rows([(2.0, 0.5)], "dpo")
+                    + rows([(1.0, 2.0)], "sepo", seed=1) + rows([(1.0, 3.0)], "dpo", seed=1))
+    assert _wins(table, "t", "sepo", 1.0, seeds=2) == [1, 2]  # seed 0: 1.0 > 0.25; seed 1: 2.0 < 3.0
+    assert _wins(table, "t", "sepo", 5.0, seeds=2) == [0, 0]  # DPO never got there: no comparison, no win
