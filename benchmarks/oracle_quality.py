@@ -6,11 +6,15 @@ DPO oracle on the subset, token scoring, top/bottom-30% selection). Read from th
 
 - token AUROC, pooled: +key vs filler tokens in chosen responses (high reward = key) together with -key vs filler
   in rejected responses (low reward = key); also each side alone;
-- precision of the selection (select.k_chosen / k_rejected, default 0.3): the share of selected chosen tokens
-  that are +key and of selected rejected tokens that are -key, next to the chance rate (key-token base rate).
+- the same AUROC without special tokens (EOS...), i.e. over the tokens the default selection ranks;
+- recall of the key tokens in the selection (select.k_chosen / k_rejected, default 0.3): the share of +key chosen
+  tokens and -key rejected tokens that the selection picks (the headline: at k = 0.3 precision cannot exceed
+  ~0.34 on a task whose key rate is ~10%);
+- precision at k = the key rate: of the top key-rate share of tokens by reward, how many are keys;
+- the old precision of the 30% selection, next to its chance rate (the key-token base rate).
 
-All oracles train for the same number of steps (oracle.train.max_steps), so a smaller subset is more epochs
-over fewer pairs, not less compute. One seed = a new task draw, model init, oracle subset and data order.
+Every oracle trains for the same number of epochs over its subset (oracle.train.epochs), so a smaller subset is
+fewer steps. One seed = a new task draw, model init, oracle subset and data order.
 
     python -m benchmarks.oracle_quality            # 3 sizes x 4 fractions x 3 seeds
     python -m benchmarks.oracle_quality --quick    # smoke run
@@ -42,7 +46,8 @@ from benchmarks.common import (
 
 DEFAULT_SIZES = "32x1,64x2,128x2"
 DEFAULT_FRACTIONS = "0.1,0.25,0.5,1.0"
-METRICS = ("token_auroc", "token_auroc_positive", "token_auroc_negative", "selection_precision",
+METRICS = ("token_auroc", "token_auroc_positive", "token_auroc_negative", "token_auroc_no_special", "key_recall",
+           "key_recall_chosen", "key_recall_rejected", "precision_at_key_rate", "key_rate", "selection_precision",
            "selection_precision_chosen", "selection_precision_rejected", "selection_precision_chance")
 
 
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure(args, size, fraction, seed)
                 runs.append(row)
                 progress(f"seed {seed} oracle {row['size']} subset {fraction:g}: AUROC {row['token_auroc']:.3f} "
-                         f"precision {row['selection_precision']:.3f} ({'cached' if row['cached'] else 'ran'} "
+                         f"key recall {row['key_recall']:.3f} ({'cached' if row['cached'] else 'ran'} "
                          f"{row['seconds']:.0f}s)")
 
     cells = []
@@ -97,17 +102,18 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(cell)
 
     headers = ["oracle", "params", "subset", "pairs", "AUROC pooled", "AUROC +key", "AUROC -key", "min..max pooled",
-               "precision@k", "chance"]
+               "AUROC no special", "key recall", "precision@key rate", "precision@k", "chance"]
     rows = [[c["size"], c["oracle_parameters"], f"{c['fraction']:g}", f"{c['oracle_pairs']['mean']:.0f}",
              pm(c["token_auroc"]), pm(c["token_auroc_positive"]), pm(c["token_auroc_negative"]),
-             span(c["token_auroc"]), pm(c["selection_precision"]), f"{c['selection_precision_chance']['mean']:.3f}"]
-            for c in cells]
+             span(c["token_auroc"]), pm(c["token_auroc_no_special"]), pm(c["key_recall"]),
+             pm(c["precision_at_key_rate"]), pm(c["selection_precision"]),
+             f"{c['selection_precision_chance']['mean']:.3f}"] for c in cells]
     k = make_config(args).select
     print(f"\nOracle token-reward quality (mean ± std over {args.seeds} seed(s); selection k = "
           f"{k.k_chosen:g}/{k.k_rejected:g})")
     print(markdown_table(headers, rows))
-    print("\nPooled AUROC / precision@k, oracle size x subset fraction (means):")
-    pivot = [[size_name(z)] + [next(f"{c['token_auroc']['mean']:.3f} / {c['selection_precision']['mean']:.3f}"
+    print("\nPooled AUROC / key recall, oracle size x subset fraction (means):")
+    pivot = [[size_name(z)] + [next(f"{c['token_auroc']['mean']:.3f} / {c['key_recall']['mean']:.3f}"
                                     for c in cells if c["size"] == size_name(z) and c["fraction"] == f)
                                for f in fractions] for z in sizes]
     print(markdown_table(["oracle"] + [f"subset {f:g}" for f in fractions], pivot))
@@ -128,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         "cells": cells, "runs": runs,
     }, args.out_dir)
     print(f"\nwrote {path} in {clock.seconds:.0f}s")
-    precision = [c["selection_precision"]["mean"] for c in cells]
+    recall = [c["key_recall"]["mean"] for c in cells]
     by_fraction = "/".join(f"{auroc_of(None, f):.2f}" for f in fractions)
     by_size = "/".join(f"{auroc_of(z, fractions[-1]):.2f}" for z in sizes)
     print(f"SUMMARY oracle_quality: pooled token AUROC by subset {'/'.join(f'{f:g}' for f in fractions)} (mean over "
           f"sizes) {by_fraction}; by size {'/'.join(size_name(z) for z in sizes)} at subset {fractions[-1]:g} "
           f"{by_size}; best {pm(best['token_auroc'])} ({best['size']}, subset {best['fraction']:g}); "
-          f"precision@{k.k_chosen:g} {min(precision):.3f}..{max(precision):.3f} vs chance {chance:.3f}; "
+          f"key recall@{k.k_chosen:g} {min(recall):.3f}..{max(recall):.3f} (precision@k chance {chance:.3f}); "
           f"{args.seeds} seed(s), {clock.seconds / 60:.1f} min "
           f"({sum(not r['cached'] for r in runs)}/{len(runs)} runs computed, the rest cached)")
     return 0
