@@ -68,12 +68,17 @@ def in_progress(runs_dir: Path) -> list[str]:
 
 def trial(seed: int, reference: dict[str, dict[str, str]], duration: float, work: Path) -> dict[str, Any]:
     runs_dir = work / f"trial-{seed}"
-    delay = random.Random(seed).uniform(0.5, duration)
+    # Up to 90% of the reference run's time, so that (load permitting) the kill lands before the run ends.
+    delay = random.Random(seed).uniform(0.5, 0.9 * duration)
     process = subprocess.Popen(pipeline(runs_dir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     time.sleep(delay)
     finished_first = process.poll() is not None
-    os.killpg(process.pid, signal.SIGKILL)
+    if not finished_first:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended between the poll and the kill
+            finished_first = True
     process.wait()
     killed_in = in_progress(runs_dir) if not finished_first else ["(finished before the kill)"]
     resume_seconds = run_to_completion(runs_dir)
@@ -91,7 +96,8 @@ def soak(trials: int, first_seed: int = 0, work: Path | None = None) -> dict[str
     rows = [trial(seed, reference, duration, work) for seed in range(first_seed, first_seed + trials)]
     return {"trials": rows, "reference_seconds": round(duration, 1), "n_trials": trials,
             "n_identical": sum(not row["differing_stages"] for row in rows),
-            "n_clean": sum(not row["leftover_dirs"] for row in rows), "n_stages": len(reference)}
+            "n_clean": sum(not row["leftover_dirs"] for row in rows), "n_stages": len(reference),
+            "n_killed": sum(row["killed_in"] != ["(finished before the kill)"] for row in rows)}
 
 
 def main() -> None:
@@ -106,7 +112,8 @@ def main() -> None:
         print(f"seed {row['seed']:>3}: killed after {row['kill_after_s']:>5.1f} s in {', '.join(row['killed_in'])}; "
               f"differing {row['differing_stages'] or 'none'}; leftovers {row['leftover_dirs'] or 'none'}")
     print(f"SUMMARY kill_soak: {result['n_identical']}/{result['n_trials']} identical, "
-          f"{result['n_clean']}/{result['n_trials']} without stray dirs ({result['n_stages']} stages)")
+          f"{result['n_clean']}/{result['n_trials']} without stray dirs ({result['n_stages']} stages; "
+          f"{result['n_killed']} trials killed mid-run, the others finished before the kill)")
 
 
 if __name__ == "__main__":
