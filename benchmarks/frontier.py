@@ -204,11 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=[*BETA_METHODS, *LR_METHODS])
+    parser.add_argument("--only-seed", type=int, default=None, help="run just this seed (to fill the shared stage "
+                        "cache from parallel processes; a final run without it finds every run cached and summarizes)")
     args = parse_args(parser, argv)
     watch = Stopwatch()
     rows = []
     for task in args.tasks:
-        for seed in range(args.seeds):
+        for seed in ([args.only_seed] if args.only_seed is not None else range(args.seeds)):
             for point in points(args.methods, args.quick):
                 row = measure(args, task, seed, point)
                 rows.append(row)

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {DEFAULT_SIZES})")
     parser.add_argument("--fractions", default=DEFAULT_FRACTIONS, help="oracle training-subset fractions "
                         f"(default {DEFAULT_FRACTIONS})")
+    parser.add_argument("--only-seed", type=int, default=None, help="run just this seed (to fill the shared stage "
+                        "cache from parallel processes; a final run without it finds every run cached and summarizes)")
     args = parse_args(parser, argv)
     if args.quick and args.sizes == DEFAULT_SIZES:
         args.sizes = "32x1,64x2"
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = Stopwatch()
 
     runs = []
-    for seed in range(args.seeds):
+    for seed in ([args.only_seed] if args.only_seed is not None else range(args.seeds)):
         for size in sizes:
             for fraction in fractions:
                 row = measure(args, size, fraction, seed)
