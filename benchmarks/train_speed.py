@@ -301,10 +301,6 @@ def _trl_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, Any
 
 
 def run_worker(kind: str, settings: dict[str, Any]) -> None:
-    if kind.startswith("selpo"):
-        # perf_common's TQDM_DISABLE makes tqdm bars without `.desc`, which scoring's progress report reads
-        # (AttributeError); the worker's output is captured anyway. Before tqdm is first imported.
-        os.environ.pop("TQDM_DISABLE", None)
     pc.quiet()
     import torch
     import transformers
@@ -324,6 +320,9 @@ def run_worker(kind: str, settings: dict[str, Any]) -> None:
 def _launch(kind: str, settings: dict[str, Any], timeout: float, trl_python: str) -> dict[str, Any]:
     python = sys.executable if kind.startswith("selpo") else trl_python
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pc.REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    # perf_common's TQDM_DISABLE, inherited, makes tqdm bars without `.desc`, which scoring's progress report
+    # reads (AttributeError); the worker's output is captured anyway.
+    env.pop("TQDM_DISABLE", None)
     command = [python, "-m", "benchmarks.train_speed", "--worker", kind, "--settings", json.dumps(settings)]
     started = time.perf_counter()
     try:

@@ -142,28 +142,6 @@ def _scatter(values: Tensor, batch_idx: Tensor, time_idx: Tensor, like: Tensor) 
 # ------------------------------------------------------------------------------------- per-token log-probs
 
 
-def shifted_per_token_logps(
-    logits: Tensor, input_ids: Tensor, loss_mask: Tensor, *, chunk_size: int = 4096
-) -> Tensor:
-    """Per-token log-probs [B, T] float32 from full logits [B, T, V], aligned to `input_ids`, 0 off-mask.
-
-    Only the rows `logits[b, t-1]` predicting a masked token t are gathered and log-softmaxed (float32,
-    `chunk_size` rows at a time); prompt and padding rows are never touched.
-    """
-    if logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
-    batch_idx, time_idx = _target_positions(input_ids, loss_mask)
-    if batch_idx.numel() == 0:
-        return torch.zeros(input_ids.shape, dtype=torch.float32, device=loss_mask.device)
-    targets = input_ids[batch_idx, time_idx]
-
-    def rows_to_logps(rows: Tensor, tgt: Tensor) -> tuple[Tensor]:
-        return (_gather_target_logp(rows, tgt),)
-
-    (logps,) = _map_row_chunks(rows_to_logps, (logits,), batch_idx, time_idx - 1, targets, chunk_size)
-    return _scatter(logps, batch_idx, time_idx, loss_mask)
-
-
 def _uses_fast_path(model: Any) -> bool:
     if any(cls.__name__ in _DISTRIBUTED_WRAPPERS for cls in type(model).__mro__):
         return False
