@@ -162,7 +162,7 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
     from selpo_core.config import PolicyConfig, TrainConfig
     from selpo_core.models import frozen_copy, resolve_dtype
     from selpo_core.objectives import make_preference_step
-    from selpo_core.stages.training import _pair_extras
+    from selpo_core.stages.training import PerToken, _pair_extras
     from selpo_core.train import train
 
     size = pc.MODEL_SIZES[settings["size"]]
@@ -175,7 +175,8 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
     extras: dict[str, Any] = {}
     ref_model = frozen_copy(model) if variant == "ref" else None
     if ref_model is None:
-        extras = _offline_inputs(method, model, pairs, tmp)
+        extras = {prefix: PerToken(lookup, column) for prefix, (lookup, column) in
+                  _offline_inputs(method, model, pairs, tmp).items()}
     setup_seconds = time.perf_counter() - started
     recorder = _Recorder(device)
     packed = variant == "packed"
@@ -203,8 +204,9 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
             "autocast_dtype": str(resolve_dtype(cfg.precision, device))}
 
 
-def _offline_inputs(method: str, model: Any, pairs: list[Any], tmp: Path) -> dict[str, Any]:
-    """What the score and select stages would have written before training (setup, not step time)."""
+def _offline_inputs(method: str, model: Any, pairs: list[Any], tmp: Path) -> dict[str, tuple[dict, str]]:
+    """What the score and select stages would have written before training (setup, not step time): collate_pairs'
+    keyword prefix -> ((example_id, side) -> row, the row's column), as the policy stage reads them."""
     from selpo_core import scoring
     from selpo_core.config import ScoreConfig, SelectConfig
     from selpo_core.selection_stage import select_rows
@@ -216,8 +218,8 @@ def _offline_inputs(method: str, model: Any, pairs: list[Any], tmp: Path) -> dic
     if method == "sepo":
         rows = list(scoring.iter_rows(table))
         select_rows(SelectConfig(), rows, special_token_ids=())
-        return {"selected": {(row["example_id"], row["side"]): row for row in rows}}
-    return {"ref": scoring.scores_to_pair_lookup(table)}
+        return {"selected": ({(row["example_id"], row["side"]): row for row in rows}, "selected")}
+    return {"ref_logps": (scoring.scores_to_pair_lookup(table), "ref_logps")}
 
 
 SPECIAL = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 (2 = EOS, as in make_pairs)

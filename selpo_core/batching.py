@@ -103,6 +103,32 @@ def _aligned(values: Sequence[Any], response: Sequence[int], name: str, example_
     return values
 
 
+def right_pad(
+    rows: Sequence[Sequence[Any]],
+    fill: bool | int | float,
+    dtype: torch.dtype,
+    *,
+    width: int | None = None,
+    starts: Sequence[int] | None = None,
+) -> Tensor:
+    """[len(rows), width] of `fill`, row i's values at columns `starts[i]` (default 0) onward.
+
+    `width` defaults to the longest `start + len(row)`, at least 1 (so an all-empty batch still has a column).
+    """
+    offsets = list(starts) if starts is not None else [0] * len(rows)
+    if len(offsets) != len(rows):
+        raise ValueError(f"right_pad: {len(offsets)} starts for {len(rows)} rows")
+    needed = max((start + len(row) for start, row in zip(offsets, rows)), default=0)
+    width = max(needed, 1) if width is None else width
+    if needed > width:
+        raise ValueError(f"right_pad: a row needs {needed} columns, width is {width}")
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for i, (start, row) in enumerate(zip(offsets, rows)):
+        if len(row):
+            out[i, start:start + len(row)] = torch.tensor(list(row), dtype=dtype)
+    return out
+
+
 def collate_pairs(
     pairs: Sequence[TokenizedPair],
     pad_token_id: int,
@@ -117,54 +143,43 @@ def collate_pairs(
 ) -> dict[str, Any]:
     """The pair batch of CONTRACTS.md, padded to the batch's longest row, plus `example_ids: list[str]`.
 
-    `packed=True` adds `batch["packed"]`: the same 2B sequences without padding between them (`pack_rows`),
-    which `logps` runs the model on where the model can isolate packed sequences; every per-token tensor of the
-    batch keeps the padded [2B, T] layout the losses read.
-
     Per-response lists (`*_selected`, `*_ref_logps`, `*_values`: stored per-token values such as TGDPO's
     oracle rewards or TIS-DPO's weights, batch key `token_values`) are aligned with that response's tokens (EOS
     included) and are placed at its positions in the row; everything else in those tensors is False / 0.
+
+    `packed=True` adds `batch["packed"]`: the same 2B sequences without padding between them (`pack_rows`),
+    which `logps` runs the model on where the model can isolate packed sequences; every per-token tensor of the
+    batch keeps the padded [2B, T] layout the losses read.
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
     n = len(pairs)
-    selected = _both_sides("selected", chosen_selected, rejected_selected, n)
-    ref = _both_sides("ref_logps", chosen_ref_logps, rejected_ref_logps, n)
-    values = _both_sides("values", chosen_values, rejected_values, n)
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompts = [p.prompt_ids for p in pairs] * 2
     ids = [p.example_id for p in pairs] * 2
-    width = max(len(prompt) + len(resp) for prompt, resp in zip(prompts, responses))
-    input_ids = torch.full((2 * n, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((2 * n, width), dtype=torch.long)
-    loss_mask = torch.zeros((2 * n, width), dtype=torch.bool)
-    selected_mask = torch.zeros((2 * n, width), dtype=torch.bool) if selected is not None else None
-    ref_logps = torch.zeros((2 * n, width), dtype=torch.float32) if ref is not None else None
-    token_values = torch.zeros((2 * n, width), dtype=torch.float32) if values is not None else None
-    for row, (prompt, resp) in enumerate(zip(prompts, responses)):
-        start, end = len(prompt), len(prompt) + len(resp)
-        input_ids[row, :end] = torch.tensor(list(prompt) + list(resp), dtype=torch.long)
-        attention_mask[row, :end] = 1
-        loss_mask[row, start:end] = True
-        if selected is not None and selected_mask is not None:
-            aligned = _aligned(selected[row], resp, "selected", ids[row])
-            selected_mask[row, start:end] = torch.tensor(list(aligned), dtype=torch.bool)
-        if ref is not None and ref_logps is not None:
-            aligned = _aligned(ref[row], resp, "ref_logps", ids[row])
-            ref_logps[row, start:end] = torch.tensor(list(aligned), dtype=torch.float32)
-        if values is not None and token_values is not None:
-            aligned = _aligned(values[row], resp, "values", ids[row])
-            token_values[row, start:end] = torch.tensor(list(aligned), dtype=torch.float32)
-    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
-    if selected_mask is not None:
-        batch["selected_mask"] = selected_mask
-    if ref_logps is not None:
-        batch["ref_per_token_logps"] = ref_logps
-    if token_values is not None:
-        batch["token_values"] = token_values
+    starts = [len(prompt) for prompt in prompts]
+    full = [[*prompt, *resp] for prompt, resp in zip(prompts, responses)]
+    input_ids = right_pad(full, pad_token_id, torch.long)
+    width = input_ids.shape[1]
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": right_pad([[1] * len(row) for row in full], 0, torch.long, width=width),
+        "loss_mask": right_pad([[True] * len(resp) for resp in responses], False, torch.bool, width=width,
+                               starts=starts),
+    }
+    for key, name, chosen, rejected, dtype in (
+        ("selected_mask", "selected", chosen_selected, rejected_selected, torch.bool),
+        ("ref_per_token_logps", "ref_logps", chosen_ref_logps, rejected_ref_logps, torch.float32),
+        ("token_values", "values", chosen_values, rejected_values, torch.float32),
+    ):
+        both = _both_sides(name, chosen, rejected, n)
+        if both is not None:
+            aligned = [_aligned(values, resp, name, example_id)
+                       for values, resp, example_id in zip(both, responses, ids)]
+            batch[key] = right_pad(aligned, 0, dtype, width=width, starts=starts)
     batch["example_ids"] = [p.example_id for p in pairs]
     if packed:
-        batch["packed"] = pack_rows(input_ids, attention_mask, pad_token_id)
+        batch["packed"] = pack_rows(input_ids, batch["attention_mask"], pad_token_id)
     return batch
 
 
@@ -172,16 +187,13 @@ def collate_sft(items: Sequence[TokenizedSFT], pad_token_id: int) -> dict[str, t
     """Right-padded SFT batch; `loss_mask` is True on completion tokens (EOS included), else False."""
     if not items:
         raise ValueError("collate_sft needs at least one item")
-    width = max(len(item.prompt_ids) + len(item.completion_ids) for item in items)
-    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(items), width), dtype=torch.bool)
-    for row, item in enumerate(items):
-        start, end = len(item.prompt_ids), len(item.prompt_ids) + len(item.completion_ids)
-        input_ids[row, :end] = torch.tensor([*item.prompt_ids, *item.completion_ids], dtype=torch.long)
-        attention_mask[row, :end] = 1
-        loss_mask[row, start:end] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    full = [[*item.prompt_ids, *item.completion_ids] for item in items]
+    input_ids = right_pad(full, pad_token_id, torch.long)
+    width = input_ids.shape[1]
+    return {"input_ids": input_ids,
+            "attention_mask": right_pad([[1] * len(row) for row in full], 0, torch.long, width=width),
+            "loss_mask": right_pad([[True] * len(item.completion_ids) for item in items], False, torch.bool,
+                                   width=width, starts=[len(item.prompt_ids) for item in items])}
 
 
 # ------------------------------------------------------------------------------------------------- packing
@@ -290,4 +302,4 @@ def pack_rows(
 
 
 __all__ = ["PackedRows", "collate_pairs", "collate_sft", "length_bucketed_batches", "pack_rows", "packing_plan",
-           "pad_fraction", "token_budget_batches"]
+           "pad_fraction", "right_pad", "token_budget_batches"]
