@@ -24,6 +24,12 @@ with --no-deps), so the project's venv never depends on trl; without it the TRL 
 
     python -m benchmarks.train_speed            # 64 pairs, 2 warm-up + 10 timed steps per contender
     python -m benchmarks.train_speed --quick    # 1 warm-up + 4 timed steps
+    python -m benchmarks.train_speed --compare --contenders selpo-sepo,selpo-dpo   # selpo's paths side by side
+
+`--compare` adds, each in its own process like the others: sepo with log-probs at every response token (the
+library without its selected-token fast path: `objectives.READS_SELECTED_ONLY` emptied in that process), sepo
+and dpo on packed rows (`collate_pairs(packed=True)`), and tdpo2 against dpo both with the reference model each
+step and `precision: auto` (TDPO's full-vocabulary KL is the difference; the vocabulary is 32000).
 """
 
 from __future__ import annotations
@@ -45,14 +51,20 @@ from benchmarks import perf_common as pc
 
 BENCH_VENV_PYTHON = pc.REPO_ROOT / ".venv-bench" / "bin" / "python"
 CONTENDERS = ("selpo-sepo", "selpo-dpo", "trl-ref", "trl-precompute")
-EXPERIMENTAL = ("selpo-sepo-fast", "selpo-dpo-fast")
+# Side-by-side comparisons of selpo's own paths (--compare): the selected-token fast path against log-probs at
+# every response token; packed rows against padded ones; TDPO's full-vocabulary KL against DPO, both with the
+# reference model each step and precision auto.
+COMPARISONS = ("selpo-sepo-allrows", "selpo-sepo-packed", "selpo-dpo-packed", "selpo-dpo-ref", "selpo-tdpo2-ref")
 LABELS = {
     "selpo-sepo": "selpo sepo (selected tokens, no reference)",
     "selpo-dpo": "selpo dpo (ref log-probs from Parquet)",
     "trl-ref": "TRL DPOTrainer (reference each step)",
     "trl-precompute": "TRL DPOTrainer (precompute_ref_log_probs)",
-    "selpo-sepo-fast": "EXPERIMENTAL sepo: selected rows only, no 1-chunk ckpt",
-    "selpo-dpo-fast": "EXPERIMENTAL dpo: no 1-chunk ckpt",
+    "selpo-sepo-allrows": "selpo sepo, log-probs at every response token",
+    "selpo-sepo-packed": "selpo sepo, packed rows",
+    "selpo-dpo-packed": "selpo dpo (Parquet ref), packed rows",
+    "selpo-dpo-ref": "selpo dpo, reference each step, precision auto",
+    "selpo-tdpo2-ref": "selpo tdpo2 (full-vocab KL), reference each step, precision auto",
 }
 RESULT_PREFIX = "RESULT_JSON "
 
@@ -111,7 +123,8 @@ class _Recorder:
     def record(self, batch: dict[str, Any]) -> dict[str, Any]:
         mask = batch["attention_mask"]
         self.tokens.append(int(mask.sum()))
-        self.slots.append(int(mask.numel()))
+        # What the model computes on: the packed rows where the batch has them.
+        self.slots.append(int(batch["packed"].input_ids.numel() if "packed" in batch else mask.numel()))
         return batch
 
     def stamp(self) -> None:
@@ -134,48 +147,22 @@ class _Recorder:
                 "pad_fraction": 1 - sum(tokens) / sum(slots)}
 
 
-def _skip_single_chunk_checkpoint() -> None:
-    """EXPERIMENTAL, not in selpo_core: `logps._map_row_chunks` without activation checkpointing when every
-    predicting row fits in one chunk. With one chunk the recompute saves no peak memory (the [N, V] log-softmax is
-    rebuilt in backward next to the same saved decoder activations), it only repeats the LM-head matmul."""
-    from selpo_core import logps
-
-    chunked = logps._map_row_chunks
-
-    def map_row_chunks(fn: Any, sources: Any, batch_idx: Any, time_idx: Any, targets: Any, chunk_size: int) -> Any:
-        if batch_idx.numel() > chunk_size:
-            return chunked(fn, sources, batch_idx, time_idx, targets, chunk_size)
-        rows = [src[batch_idx.to(src.device), time_idx.to(src.device) - 1] for src in sources]
-        return list(fn(*rows, targets.to(rows[0].device)))
-
-    logps._map_row_chunks = map_row_chunks
-
-
-def _sepo_selected_rows_step(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """EXPERIMENTAL sepo step: log-probs (LM head + log-softmax) only at the selected tokens, the only ones the
-    SePO loss reads, instead of at every response token. Same loss; logps/* metrics cover the selected tokens."""
-    from selpo_core import losses
-    from selpo_core.logps import masked_sum, model_per_token_logps, split_pair
-
-    selected = batch["loss_mask"] & batch["selected_mask"]
-    policy = model_per_token_logps(model, batch["input_ids"], batch["attention_mask"], selected)
-    chosen, rejected = split_pair(policy)
-    chosen_mask, rejected_mask = split_pair(selected)
-    per_example, chosen_rewards, rejected_rewards = losses.sepo_loss(
-        chosen, rejected, chosen_mask, rejected_mask, gamma=1.0, margin=0.0)
-    return per_example.mean(), {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-                                "logps/chosen": masked_sum(chosen, chosen_mask).mean().detach(),
-                                "logps/rejected": masked_sum(rejected, rejected_mask).mean().detach()}
+def _selpo_variant(kind: str) -> tuple[str, str]:
+    """selpo-<method>[-<variant>] -> (method, variant)."""
+    _, method, *rest = kind.split("-", 2)
+    return method, rest[0] if rest else ""
 
 
 def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    import dataclasses
+
     import torch
 
-    from selpo_core import data, scoring
-    from selpo_core.config import PolicyConfig, ScoreConfig, SelectConfig, TrainConfig
+    from selpo_core import data, objectives
+    from selpo_core.config import PolicyConfig, TrainConfig
+    from selpo_core.models import frozen_copy, resolve_dtype
     from selpo_core.objectives import make_preference_step
-    from selpo_core.selection_stage import select_rows
-    from selpo_core.stages.training import _pair_extras
+    from selpo_core.stages.training import PerToken, _pair_extras
     from selpo_core.train import train
 
     size = pc.MODEL_SIZES[settings["size"]]
@@ -183,37 +170,29 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
     model = pc.build_llama(size, vocab=settings["vocab"], seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    # Offline, as the score and select stages would have done it before training (setup, not step time).
+    method, variant = _selpo_variant(kind)
     started = time.perf_counter()
-    model.save_pretrained(tmp / "reference")
-    pc.perturbed_copy(model, seed=1).save_pretrained(tmp / "oracle")
-    scoring.score_pairs(pairs, tmp / "oracle", tmp / "reference", ScoreConfig(precision="bf16"), tmp / "scores")
-    table = scoring.read_scores(tmp / "scores")
     extras: dict[str, Any] = {}
-    method = kind.removeprefix("selpo-").removesuffix("-fast")
-    if method == "sepo":
-        rows = list(scoring.iter_rows(table))
-        select_rows(SelectConfig(), rows, special_token_ids=())
-        extras["selected"] = {(row["example_id"], row["side"]): row for row in rows}
-    else:
-        extras["ref"] = scoring.scores_to_pair_lookup(table)
+    ref_model = frozen_copy(model) if variant == "ref" else None
+    if ref_model is None:
+        extras = {prefix: PerToken(lookup, column) for prefix, (lookup, column) in
+                  _offline_inputs(method, model, pairs, tmp).items()}
     setup_seconds = time.perf_counter() - started
-    del table
-
     recorder = _Recorder(device)
+    packed = variant == "packed"
 
     def collate(batch: list[Any]) -> dict[str, Any]:
         recorder.stamp()
-        return recorder.record(data.collate_pairs(batch, 0, **_pair_extras(batch, extras)))
+        return recorder.record(data.collate_pairs(batch, 0, packed=packed, **_pair_extras(batch, extras)))
 
     steps = settings["warmup"] + settings["steps"] + 1  # the last step has no next collation to end its timing
     cfg = TrainConfig(max_steps=steps, batch_size=settings["batch_pairs"], lr=5e-4, warmup_steps=0,
                       precision="bf16", save_every=0, log_every=steps, report_to="none", seed=0)
-    step_fn = make_preference_step(method, PolicyConfig(), None)
-    if kind.endswith("-fast"):
-        _skip_single_chunk_checkpoint()
-        if method == "sepo":
-            step_fn = _sepo_selected_rows_step
+    if variant == "ref":
+        cfg = dataclasses.replace(cfg, precision="auto")
+    if variant == "allrows":  # this process only: the library without its selected-token fast path
+        objectives.READS_SELECTED_ONLY = ()
+    step_fn = make_preference_step(method, PolicyConfig(), ref_model)
     rss_before = _status_mib("VmRSS")
     reset = _reset_peak_rss()
     _reset_gpu_peak()
@@ -221,7 +200,26 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
           desc=f"bench {kind}")
     return {**recorder.summary(settings["warmup"], settings["batch_pairs"]), "setup_seconds": setup_seconds,
             "rss_before_training_mib": rss_before, "peak_rss_training_mib": _status_mib("VmHWM") if reset else None,
-            "peak_gpu_mib": _gpu_peak_mib()}
+            "peak_gpu_mib": _gpu_peak_mib(), "precision": cfg.precision,
+            "autocast_dtype": str(resolve_dtype(cfg.precision, device))}
+
+
+def _offline_inputs(method: str, model: Any, pairs: list[Any], tmp: Path) -> dict[str, tuple[dict, str]]:
+    """What the score and select stages would have written before training (setup, not step time): collate_pairs'
+    keyword prefix -> ((example_id, side) -> row, the row's column), as the policy stage reads them."""
+    from selpo_core import scoring
+    from selpo_core.config import ScoreConfig, SelectConfig
+    from selpo_core.selection_stage import select_rows
+
+    model.save_pretrained(tmp / "reference")
+    pc.perturbed_copy(model, seed=1).save_pretrained(tmp / "oracle")
+    scoring.score_pairs(pairs, tmp / "oracle", tmp / "reference", ScoreConfig(precision="bf16"), tmp / "scores")
+    table = scoring.read_scores(tmp / "scores")
+    if method == "sepo":
+        rows = list(scoring.iter_rows(table))
+        select_rows(SelectConfig(), rows, special_token_ids=())
+        return {"selected": ({(row["example_id"], row["side"]): row for row in rows}, "selected")}
+    return {"ref_logps": (scoring.scores_to_pair_lookup(table), "ref_logps")}
 
 
 SPECIAL = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 (2 = EOS, as in make_pairs)
@@ -324,6 +322,9 @@ def run_worker(kind: str, settings: dict[str, Any]) -> None:
 def _launch(kind: str, settings: dict[str, Any], timeout: float, trl_python: str) -> dict[str, Any]:
     python = sys.executable if kind.startswith("selpo") else trl_python
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pc.REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    # perf_common's TQDM_DISABLE, inherited, makes tqdm bars without `.desc`, which scoring's progress report
+    # reads (AttributeError); the worker's output is captured anyway.
+    env.pop("TQDM_DISABLE", None)
     command = [python, "-m", "benchmarks.train_speed", "--worker", kind, "--settings", json.dumps(settings)]
     started = time.perf_counter()
     try:
@@ -345,6 +346,20 @@ def _ratio(results: dict[str, dict[str, Any]], a: str, b: str, key: str = "real_
     return results[a][key] / results[b][key]
 
 
+def _comparison_parts(results: dict[str, dict[str, Any]], verdicts: list[str]) -> list[str]:
+    """Median step-time ratios of selpo's paths run side by side (slower / faster reads as the cost)."""
+    parts = []
+    for label, slow, fast in (("sepo every-token / selected-token step", "selpo-sepo-allrows", "selpo-sepo"),
+                              ("sepo packed / padded step", "selpo-sepo-packed", "selpo-sepo"),
+                              ("dpo packed / padded step", "selpo-dpo-packed", "selpo-dpo"),
+                              ("tdpo2 / dpo step (reference each step)", "selpo-tdpo2-ref", "selpo-dpo-ref")):
+        if (ratio := _ratio(results, slow, fast, key="median_step_seconds")) is not None:
+            parts.append(f"{label} {ratio:.2f}x")
+            if slow == "selpo-tdpo2-ref":
+                verdicts.append("tdpo2 <= 1.5x dpo: " + ("met" if ratio <= 1.5 else "NOT met"))
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="32 pairs, 1 warm-up + 4 timed steps")
@@ -354,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times (median)")
     parser.add_argument("--size", default="8M", choices=sorted(pc.MODEL_SIZES))
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset")
-    parser.add_argument("--experimental", action="store_true",
-                        help=f"also run {', '.join(EXPERIMENTAL)}: proposed selpo_core speed-ups, patched in here")
+    parser.add_argument("--compare", action="store_true",
+                        help=f"also run {', '.join(COMPARISONS)}: selpo's paths side by side")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per contender process")
     parser.add_argument("--trl-python", default=str(BENCH_VENV_PYTHON),
                         help="interpreter that has trl (default .venv-bench/bin/python)")
@@ -371,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pairs": args.pairs or (32 if args.quick else 64), "steps": args.steps or (4 if args.quick else 10),
                 "warmup": args.warmup if args.warmup is not None else (1 if args.quick else 2)}
     kinds = [k.strip() for k in args.contenders.split(",") if k.strip()]
-    kinds += [k for k in EXPERIMENTAL if args.experimental and k not in kinds]
+    kinds += [k for k in COMPARISONS if args.compare and k not in kinds]
     have_trl = shutil.which(args.trl_python) is not None
     if not have_trl:
         skipped = [k for k in kinds if k.startswith("trl")]
@@ -429,9 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if dpo_vs is not None:
         parts.append(f"dpo (Parquet ref) {dpo_vs:.2f}x TRL precompute")
         verdicts.append("dpo >=1.15x: " + ("met" if dpo_vs >= 1.15 else "NOT met"))
-    for kind, base in (("selpo-sepo-fast", "trl-ref"), ("selpo-dpo-fast", "trl-precompute")):
-        if (vs := _ratio(results, kind, base)) is not None:
-            parts.append(f"experimental {kind} {vs:.2f}x")
+    parts += _comparison_parts(results, verdicts)
     memory = "peak_gpu_mib" if gpu else "peak_rss_mib"
     unit = "GPU" if gpu else "RSS"
     selpo_peak = [results[k][memory] for k in ("selpo-sepo", "selpo-dpo") if ok(k)]

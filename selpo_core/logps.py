@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from selpo_core.batching import PackedRows
+
 # Causal-LM families whose forward is exactly `lm_head(decoder(...).last_hidden_state)` in transformers 5
 # (checked by reading each `*ForCausalLM.forward`). Others (Granite divides logits, Cohere multiplies,
 # MiniCPM3 rescales hidden states, Gemma2/3 soft-cap...) would silently get wrong log-probs from the fast
@@ -31,6 +33,15 @@ FAST_PATH_MODEL_TYPES: frozenset[str] = frozenset(
         "starcoder2",
     }
 )  # fmt: skip
+
+# Families whose decoder builds its causal mask with transformers' `create_causal_mask` from `position_ids`
+# when `attention_mask` is None (masking_utils.find_packed_sequence_indices: a position that does not follow
+# its left neighbour starts a new sequence), so packed sequences cannot see each other: tests/core/
+# test_packing.py checks llama and qwen2 by changing one sequence and watching the other's log-probs.
+PACKING_MODEL_TYPES: frozenset[str] = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# Attention implementations that apply that block-diagonal mask. Flash-attention reads packed position_ids
+# as varlen boundaries (and would skip the masked blocks) but is not tested here: it takes the padded path.
+PACKING_ATTENTION: frozenset[str] = frozenset({"sdpa", "eager"})
 
 # Config fields that transform logits after the LM head; belt and braces on top of the allow-list.
 _LOGIT_TRANSFORM_FIELDS: tuple[str, ...] = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -92,25 +103,29 @@ def _gather_target_logp(logits: Tensor, targets: Tensor) -> Tensor:
 def _map_row_chunks(
     fn: RowFn,
     sources: tuple[Tensor, ...],
-    batch_idx: Tensor,
-    time_idx: Tensor,
+    src_rows: Tensor,
+    src_cols: Tensor,
     targets: Tensor,
     chunk_size: int,
 ) -> list[Tensor]:
     """Run `fn(*rows, targets)` on `chunk_size` predicting rows at a time; return its outputs concatenated.
 
-    The row that predicts token t is at t-1 in each source ([B, T, D]: hidden states or logits).
+    `sources[k][src_rows[i], src_cols[i]]` ([B, T, D]: hidden states or logits) is the row that predicts
+    `targets[i]`.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = src_rows.numel()
     pieces: list[tuple[Tensor, ...]] = []
-    for start in range(0, batch_idx.numel(), chunk_size):
+    for start in range(0, n, chunk_size):
         sl = slice(start, start + chunk_size)
-        rows = [s[batch_idx[sl].to(s.device), time_idx[sl].to(s.device) - 1] for s in sources]
+        rows = [s[src_rows[sl].to(s.device), src_cols[sl].to(s.device)] for s in sources]
         args = (*rows, targets[sl].to(rows[0].device))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and n > chunk_size:
             # Recompute the [chunk, V] logits in backward instead of storing them: keeps peak memory
-            # O(chunk * V) in training too, at the price of one extra LM-head matmul per chunk.
+            # O(chunk * V) in training too, at the price of one extra LM-head matmul per chunk. With a single
+            # chunk there is nothing to bound (backward rebuilds the same [N, V] next to the same saved
+            # decoder activations), so it would only cost the extra matmul.
             pieces.append(checkpoint(fn, *args, use_reentrant=False))
         else:
             pieces.append(fn(*args))
@@ -125,28 +140,6 @@ def _scatter(values: Tensor, batch_idx: Tensor, time_idx: Tensor, like: Tensor) 
 
 
 # ------------------------------------------------------------------------------------- per-token log-probs
-
-
-def shifted_per_token_logps(
-    logits: Tensor, input_ids: Tensor, loss_mask: Tensor, *, chunk_size: int = 4096
-) -> Tensor:
-    """Per-token log-probs [B, T] float32 from full logits [B, T, V], aligned to `input_ids`, 0 off-mask.
-
-    Only the rows `logits[b, t-1]` predicting a masked token t are gathered and log-softmaxed (float32,
-    `chunk_size` rows at a time); prompt and padding rows are never touched.
-    """
-    if logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
-    batch_idx, time_idx = _target_positions(input_ids, loss_mask)
-    if batch_idx.numel() == 0:
-        return torch.zeros(input_ids.shape, dtype=torch.float32, device=loss_mask.device)
-    targets = input_ids[batch_idx, time_idx]
-
-    def rows_to_logps(rows: Tensor, tgt: Tensor) -> tuple[Tensor]:
-        return (_gather_target_logp(rows, tgt),)
-
-    (logps,) = _map_row_chunks(rows_to_logps, (logits,), batch_idx, time_idx, targets, chunk_size)
-    return _scatter(logps, batch_idx, time_idx, loss_mask)
 
 
 def _uses_fast_path(model: Any) -> bool:
@@ -165,12 +158,30 @@ def _uses_fast_path(model: Any) -> bool:
     return not any(getattr(c, f, None) is not None for c in configs for f in _LOGIT_TRANSFORM_FIELDS)
 
 
-def _final_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Head]:
+def supports_packing(model: Any) -> bool:
+    """Whether `model` keeps the sequences of a `PackedRows` apart (block-diagonal causal attention).
+
+    True for the families in `PACKING_MODEL_TYPES` with an attention in `PACKING_ATTENTION`; DDP/FSDP wrappers
+    (no `config`) and PEFT prompt learning (virtual tokens shift every position) take the padded path.
+    """
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in PACKING_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in PACKING_ATTENTION)
+
+
+def _final_states(
+    model: Any, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None
+) -> tuple[Tensor, Head]:
     """(states [B, T, D], head) with `head(states[rows]) == model(...).logits[rows]`.
 
     Fast path: final hidden states + the LM head, so logits are only ever made for the rows we need.
-    Fallback: the full logits with an identity head.
+    Fallback: the full logits with an identity head. Packed rows: `position_ids` and no `attention_mask`.
     """
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     if _uses_fast_path(model):
         get_decoder = getattr(model, "get_decoder", None)
         decoder = get_decoder() if callable(get_decoder) else getattr(model, "model", None)
@@ -178,11 +189,26 @@ def _final_states(model: Any, input_ids: Tensor, attention_mask: Tensor) -> tupl
         head = get_head() if callable(get_head) else None
         # get_decoder() returns the model itself when it finds nothing: that would give logits, not states.
         if decoder is not None and decoder is not model and head is not None:
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = decoder(**inputs)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             return hidden, head
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return logits, _identity
+    return model(**inputs).logits, _identity
+
+
+def _forward(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, packed: PackedRows | None, batch_idx: Tensor,
+    time_idx: Tensor,
+) -> tuple[Tensor, Head, Tensor, Tensor]:
+    """(states, head, rows, cols): one forward, packed when given, and where in `states` each target's
+    predicting row (padded position (b, t - 1)) is."""
+    if packed is None:
+        states, head = _final_states(model, input_ids, attention_mask)
+        return states, head, batch_idx, time_idx - 1
+    if packed.row.numel() != input_ids.shape[0]:
+        raise ValueError(f"packed rows hold {packed.row.numel()} sequences, the batch has {input_ids.shape[0]}")
+    states, head = _final_states(model, packed.input_ids, None, packed.position_ids)
+    rows, cols = packed.slots(batch_idx.to(packed.row.device), time_idx.to(packed.row.device) - 1)
+    return states, head, rows, cols
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -190,7 +216,13 @@ def _identity(x: Tensor) -> Tensor:
 
 
 def model_per_token_logps(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, *, chunk_size: int = 4096
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    loss_mask: Tensor,
+    *,
+    chunk_size: int = 4096,
+    packed: PackedRows | None = None,
 ) -> Tensor:
     """Per-token log-probs [B, T] float32 of a causal LM, aligned to `input_ids`, 0 outside `loss_mask`.
 
@@ -198,18 +230,54 @@ def model_per_token_logps(
     predict masked tokens (skipping prompt and padding: a large saving when scoring long prompts with big
     vocabularies). Other models, soft-capped/scaled logits and distributed wrappers (DDP/FSDP/DeepSpeed,
     whose own forward must run) use the full `model(...).logits`. Differentiable; pass the wrapped model.
+
+    `packed`: the same rows without padding (`batching.pack_rows`); the model runs on them when
+    `supports_packing(model)`, else on the padded rows. Either way the result has the padded layout.
+    Only the rows predicting `loss_mask` tokens reach the LM head: pass `loss_mask & selected_mask` to pay
+    for the selected tokens only.
     """
     batch_idx, time_idx = _target_positions(input_ids, loss_mask)
     if batch_idx.numel() == 0:
         return torch.zeros(input_ids.shape, dtype=torch.float32, device=loss_mask.device)
-    states, head = _final_states(model, input_ids, attention_mask)
+    packed = packed if packed is not None and supports_packing(model) else None
+    states, head, rows, cols = _forward(model, input_ids, attention_mask, packed, batch_idx, time_idx)
     targets = input_ids[batch_idx, time_idx]
 
     def rows_to_logps(rows: Tensor, tgt: Tensor) -> tuple[Tensor]:
         return (_gather_target_logp(head(rows), tgt),)
 
-    (logps,) = _map_row_chunks(rows_to_logps, (states,), batch_idx, time_idx, targets, chunk_size)
+    (logps,) = _map_row_chunks(rows_to_logps, (states,), rows, cols, targets, chunk_size)
     return _scatter(logps, batch_idx, time_idx, loss_mask)
+
+
+class _TargetLogpAndKL(torch.autograd.Function):
+    """(log p_theta(target), KL(p_ref || p_theta)) per row from policy logits [c, V] and reference log-probs.
+
+    The same numbers as autograd through `log_softmax` and the KL's elementwise chain, with the gradient with
+    respect to the logits written out: d logp(target) = onehot - P, d KL = P - R (P, R: policy and reference
+    probabilities; sum R = 1). That keeps two [c, V] float32 tensors for backward and makes ~half the passes
+    over them: at a 32k vocabulary these passes, not the LM-head matmuls, are most of TDPO's extra step time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, ref_lp: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        # fp32 log-softmax: bf16 log-probs of confident tokens round to 0.
+        policy_lp = torch.log_softmax(logits.float(), dim=-1)
+        ref_p = ref_lp.exp()
+        # Tokens the reference gives probability exactly 0 contribute 0 (the 0 * log 0 = 0 convention).
+        kl = torch.where(ref_p > 0, ref_p * (ref_lp - policy_lp), 0.0).sum(dim=-1)
+        target_lp = policy_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(policy_lp, ref_p, targets)
+        ctx.logits_dtype = logits.dtype
+        return target_lp, kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_target_lp: Tensor, grad_kl: Tensor) -> tuple[Tensor, None, None]:
+        policy_lp, ref_p, targets = ctx.saved_tensors
+        g_lp, g_kl = grad_target_lp.unsqueeze(-1), grad_kl.unsqueeze(-1)
+        grad = policy_lp.exp().mul_(g_kl - g_lp).addcmul_(ref_p, g_kl, value=-1.0)
+        grad.scatter_add_(-1, targets.unsqueeze(-1), g_lp)
+        return grad.to(ctx.logits_dtype), None, None
 
 
 def model_logps_and_kl(
@@ -219,7 +287,8 @@ def model_logps_and_kl(
     attention_mask: Tensor,
     loss_mask: Tensor,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
+    packed: PackedRows | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(policy_logps, ref_logps, kl), each [B, T] float32 and 0 outside `loss_mask`, for TDPO.
 
@@ -227,32 +296,36 @@ def model_logps_and_kl(
     response position t (the distribution that predicts token t). The reference runs under `no_grad`;
     gradients flow through the policy only. Both log-softmaxes are float32 and the KL uses the reference
     log-probs directly (never `softmax().log()`, which gives 0 * -inf = NaN), `chunk_size` positions at a
-    time so the [*, V] temporaries are O(chunk_size * V).
+    time so the [*, V] temporaries are O(chunk_size * V): 2 float32 [chunk, V] kept per chunk for backward
+    (0.5 GB at 2048 x 32k). More rows than that are chunked and each chunk recomputed in backward (both LM
+    heads again), which made an 8M-model, 32k-vocabulary tdpo2 step 1.36x slower than one chunk.
+    `packed`: as in `model_per_token_logps`, used
+    when both models support packing.
     """
     batch_idx, time_idx = _target_positions(input_ids, loss_mask)
     if batch_idx.numel() == 0:
         zeros = torch.zeros(input_ids.shape, dtype=torch.float32, device=loss_mask.device)
         return zeros, zeros.clone(), zeros.clone()
-    policy_states, policy_head = _final_states(policy_model, input_ids, attention_mask)
+    both = packed is not None and supports_packing(policy_model) and supports_packing(ref_model)
+    packed = packed if both else None
+    policy_states, policy_head, rows, cols = _forward(
+        policy_model, input_ids, attention_mask, packed, batch_idx, time_idx)
     with torch.no_grad():
-        ref_states, ref_head = _final_states(ref_model, input_ids, attention_mask)
+        ref_states, ref_head, _, _ = _forward(ref_model, input_ids, attention_mask, packed, batch_idx, time_idx)
     targets = input_ids[batch_idx, time_idx]
 
     def rows_to_logps_and_kl(policy_rows: Tensor, ref_rows: Tensor, tgt: Tensor) -> tuple[Tensor, ...]:
-        policy_lp = torch.log_softmax(policy_head(policy_rows).float(), dim=-1)
+        policy_logits = policy_head(policy_rows)
         with torch.no_grad():
-            ref_lp = torch.log_softmax(ref_head(ref_rows).float(), dim=-1).to(policy_lp.device)
-        if ref_lp.shape != policy_lp.shape:
-            sizes = f"{policy_lp.shape[-1]} vs {ref_lp.shape[-1]}"
+            ref_lp = torch.log_softmax(ref_head(ref_rows).float(), dim=-1).to(policy_logits.device)
+        if ref_lp.shape != policy_logits.shape:
+            sizes = f"{policy_logits.shape[-1]} vs {ref_lp.shape[-1]}"
             raise ValueError(f"policy and reference vocabulary sizes differ: {sizes}")
-        ref_p = ref_lp.exp()
-        # Tokens the reference gives probability exactly 0 contribute 0 (the 0 * log 0 = 0 convention).
-        kl = torch.where(ref_p > 0, ref_p * (ref_lp - policy_lp), 0.0).sum(dim=-1)
-        tgt = tgt.unsqueeze(-1)
-        return policy_lp.gather(-1, tgt).squeeze(-1), ref_lp.gather(-1, tgt).squeeze(-1), kl
+        policy_lp, kl = _TargetLogpAndKL.apply(policy_logits, ref_lp, tgt)
+        return policy_lp, ref_lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1), kl
 
     policy_logps, ref_logps, kl = _map_row_chunks(
-        rows_to_logps_and_kl, (policy_states, ref_states), batch_idx, time_idx, targets, chunk_size
+        rows_to_logps_and_kl, (policy_states, ref_states), rows, cols, targets, chunk_size
     )
     return (
         _scatter(policy_logps, batch_idx, time_idx, loss_mask),

@@ -43,6 +43,9 @@ NEEDS_REF_LOGPS = ("dpo", "ipo", "tso", "selective_dpo", "sepo_dpo", "tgdpo", "t
 NEEDS_REF_MODEL_ALWAYS = ("tdpo1", "tdpo2")
 # Methods that train on the select stage's key tokens (SePO's selection).
 NEEDS_SELECTION = ("sepo", "sepo_dpo")
+# Methods whose loss reads log-probs only at `selected_mask` positions: the LM head and log-softmax run there
+# only (and their logps/* metrics sum over the selected tokens).
+READS_SELECTED_ONLY = ("sepo", "sepo_dpo")
 # Methods that weight tokens by stored per-token values: TGDPO the oracle's token rewards, TIS-DPO its weights.
 NEEDS_TOKEN_VALUES = ("tgdpo", "tis_dpo")
 
@@ -69,7 +72,8 @@ LossFn = Callable[[LossParams, PairTensors, Metrics], "losses.LossOutput"]
 
 def sft_step(model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean negative log-likelihood of the response tokens (prompt and padding masked out)."""
-    per_token_logps = model_per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    per_token_logps = model_per_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                            packed=batch.get("packed"))
     n_tokens = batch["loss_mask"].sum().clamp(min=1)
     loss = -(per_token_logps * batch["loss_mask"]).sum() / n_tokens
     return loss, {"nll": loss.detach()}
@@ -84,7 +88,10 @@ def make_preference_step(method: str, params: LossParams, ref_model: Any | None)
     loss_fn = METHOD_LOSSES[method]
 
     def step(model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        input_ids, attention_mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        input_ids, attention_mask, packed = batch["input_ids"], batch["attention_mask"], batch.get("packed")
+        loss_mask = batch["loss_mask"]
+        if method in READS_SELECTED_ONLY:
+            loss_mask = loss_mask & batch["selected_mask"]  # the LM head runs at the selected rows only
         if ref_model is not None and next(ref_model.parameters()).device != input_ids.device:
             ref_model.to(input_ids.device)  # the training loop places the policy and batches, not the reference
         per_token_kl = ref_logps = None
@@ -92,20 +99,21 @@ def make_preference_step(method: str, params: LossParams, ref_model: Any | None)
             if ref_model is None:
                 raise ValueError(f"{method} needs a reference model at every step")
             policy_logps, ref_logps, per_token_kl = model_logps_and_kl(
-                model, ref_model, input_ids, attention_mask, loss_mask
+                model, ref_model, input_ids, attention_mask, loss_mask, packed=packed
             )
         else:
-            policy_logps = model_per_token_logps(model, input_ids, attention_mask, loss_mask)
+            policy_logps = model_per_token_logps(model, input_ids, attention_mask, loss_mask, packed=packed)
             if method in NEEDS_REF_LOGPS:
-                ref_logps = _reference_logps(method, ref_model, batch)
-        tensors = PairTensors(*split_pair(policy_logps), *split_pair(loss_mask), batch,
+                ref_logps = _reference_logps(method, ref_model, batch, loss_mask)
+        # The masks stay the response masks (the losses and selected fractions read them); log-probs are 0
+        # outside `loss_mask`, which for READS_SELECTED_ONLY is the selection.
+        tensors = PairTensors(*split_pair(policy_logps), *split_pair(batch["loss_mask"]), batch,
                               ref=split_pair(ref_logps) if ref_logps is not None else None,
                               kl=split_pair(per_token_kl) if per_token_kl is not None else None)
         metrics: Metrics = {}
         per_example_losses, chosen_rewards, rejected_rewards = loss_fn(params, tensors, metrics)
         metrics.update(_reward_metrics(chosen_rewards, rejected_rewards))
-        metrics["logps/chosen"] = masked_sum(tensors.chosen_logps, tensors.chosen_mask).mean().detach()
-        metrics["logps/rejected"] = masked_sum(tensors.rejected_logps, tensors.rejected_mask).mean().detach()
+        metrics.update(_logps_metrics(tensors, selected_only=method in READS_SELECTED_ONLY))
         return per_example_losses.mean(), metrics
 
     return step
@@ -196,13 +204,23 @@ METHOD_LOSSES: dict[str, LossFn] = {
 }
 
 
-def _reference_logps(method: str, ref_model: Any | None, batch: dict[str, Any]) -> Tensor:
+def _reference_logps(method: str, ref_model: Any | None, batch: dict[str, Any], loss_mask: Tensor) -> Tensor:
+    """Stored reference log-probs, or the reference model's at `loss_mask` (0 elsewhere)."""
     if "ref_per_token_logps" in batch:
         return batch["ref_per_token_logps"]
     if ref_model is None:
         raise ValueError(f"{method} needs reference log-probs: give a reference model or scores")
     with torch.no_grad():
-        return model_per_token_logps(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        return model_per_token_logps(ref_model, batch["input_ids"], batch["attention_mask"], loss_mask,
+                                     packed=batch.get("packed"))
+
+
+def _logps_metrics(t: PairTensors, *, selected_only: bool) -> dict[str, Tensor]:
+    """Mean summed policy log-prob per response: `logps/chosen` over all response tokens (TRL's name), or
+    `logps/chosen_selected` over the selected tokens only, for methods that compute no other log-probs."""
+    suffix = "_selected" if selected_only else ""
+    return {f"logps/chosen{suffix}": masked_sum(t.chosen_logps, t.chosen_mask).mean().detach(),
+            f"logps/rejected{suffix}": masked_sum(t.rejected_logps, t.rejected_mask).mean().detach()}
 
 
 def _reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:

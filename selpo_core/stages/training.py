@@ -120,6 +120,7 @@ def oracle_subset(cfg: RunConfig, pairs: list[Any]) -> list[Any]:
 def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
     """DPO (or IPO/SimPO) from the reference on a seeded random subset of the training pairs."""
     from selpo_core import data, models
+    from selpo_core.logps import supports_packing
     from selpo_core.objectives import make_preference_step
     from selpo_core.train import train
 
@@ -129,8 +130,9 @@ def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
         pairs = [_swapped(pair) for pair in pairs]
     model = models.load_model(inputs["reference"], dtype=_fp32())
     ref_model = models.frozen_copy(model) if cfg.oracle.loss != "simpo" else None
+    packed = supports_packing(model)  # padding-free rows where the model keeps packed sequences apart
     result = train(model, make_preference_step(cfg.oracle.loss, cfg.oracle, ref_model), pairs,
-                   lambda batch: data.collate_pairs(batch, tokenizer.pad_token_id),
+                   lambda batch: data.collate_pairs(batch, tokenizer.pad_token_id, packed=packed),
                    [pair.length for pair in pairs], cfg.oracle.train, out.partial_dir / "checkpoints",
                    log_dir=out.work_dir / "tb", desc="oracle")
     models.save_model_dir(model, tokenizer, out.work_dir / "model")
@@ -174,6 +176,7 @@ def plan_policy(cfg: RunConfig, method: str, data: StageInput, policy_init: Stag
 def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
     """Train the policy with one method from the same data, scores and selection as every other method."""
     from selpo_core import data, models
+    from selpo_core.logps import supports_packing
     from selpo_core.objectives import make_preference_step
     from selpo_core.train import train
 
@@ -188,9 +191,10 @@ def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
         same = plan.inputs["anchor"].fingerprint == plan.inputs["policy_init"].fingerprint
         ref_model = models.frozen_copy(model if same else models.load_model(inputs["anchor"], dtype=_fp32()))
     model = models.maybe_apply_lora(model, cfg.policy_model)
+    packed = supports_packing(model)  # padding-free rows where the model keeps packed sequences apart
 
     def collate(batch: list[Any]) -> dict[str, Any]:
-        return data.collate_pairs(batch, tokenizer.pad_token_id, **_pair_extras(batch, per_token))
+        return data.collate_pairs(batch, tokenizer.pad_token_id, packed=packed, **_pair_extras(batch, per_token))
 
     result = train(model, make_preference_step(method, cfg.policy, ref_model), pairs, collate,
                    [pair.length for pair in pairs], cfg.policy.train, out.partial_dir / "checkpoints",

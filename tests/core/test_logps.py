@@ -23,7 +23,6 @@ from selpo_core.logps import (
     masked_sum,
     model_logps_and_kl,
     model_per_token_logps,
-    shifted_per_token_logps,
     split_pair,
 )
 
@@ -65,9 +64,21 @@ def pair_batch() -> tuple[Tensor, Tensor, Tensor]:
     return input_ids, attention_mask, loss_mask
 
 
+def naive_shifted_logps(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """The definition, written out: out[b, t] = log_softmax(logits[b, t - 1])[input_ids[b, t]] on the mask."""
+    logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([torch.zeros_like(logps[:, :1]), torch.where(loss_mask[:, 1:], logps, 0.0)], dim=1)
+
+
 def full_path(model: Any, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return shifted_per_token_logps(logits, input_ids, loss_mask)
+    return naive_shifted_logps(logits, input_ids, loss_mask)
+
+
+def logps_of(logits: Tensor | nn.Module, input_ids: Tensor, loss_mask: Tensor, **kwargs: Any) -> Tensor:
+    """model_per_token_logps of a model whose logits are `logits` (the generic full-logits path)."""
+    model = logits if isinstance(logits, nn.Module) else FixedLogits(logits)
+    return model_per_token_logps(model, input_ids, torch.ones_like(input_ids), loss_mask, **kwargs)
 
 
 def head_input_dims(model: Any) -> list[int]:
@@ -85,26 +96,27 @@ def test_shifted_logps_hand_alignment() -> None:
     logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 1.0], [5.0, 5.0, 5.0]]])
     input_ids = torch.tensor([[2, 1, 2]])
     loss_mask = torch.tensor([[False, True, True]])
-    out = shifted_per_token_logps(logits, input_ids, loss_mask)
+    out = logps_of(logits, input_ids, loss_mask)
     z0 = math.exp(1.0) + math.exp(2.0) + math.exp(3.0)
     z1 = math.exp(0.0) + math.exp(0.0) + math.exp(1.0)
     expected = [[0.0, 2.0 - math.log(z0), 1.0 - math.log(z1)]]
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor(expected))
-    only_last = shifted_per_token_logps(logits, input_ids, torch.tensor([[False, False, True]]))
+    only_last = logps_of(logits, input_ids, torch.tensor([[False, False, True]]))
     torch.testing.assert_close(only_last, torch.tensor([[0.0, 0.0, 1.0 - math.log(z1)]]))
 
 
 def test_shifted_logps_chunking_and_gradients() -> None:
     torch.manual_seed(0)
-    logits = torch.randn(3, 7, 11, requires_grad=True)
+    model = FixedLogits(torch.randn(3, 7, 11))
+    logits = model.logits
     input_ids = torch.randint(0, 11, (3, 7))
     loss_mask = torch.rand(3, 7) > 0.4
     loss_mask[:, 0] = False
     ref = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     expected = torch.where(loss_mask[:, 1:], ref, 0.0).float()
     for chunk_size in (1, 4, 1000):
-        out = shifted_per_token_logps(logits, input_ids, loss_mask, chunk_size=chunk_size)
+        out = logps_of(model, input_ids, loss_mask, chunk_size=chunk_size)
         torch.testing.assert_close(out[:, 1:], expected)
         assert (out[:, 0] == 0).all()
     grad = torch.autograd.grad(out.sum(), logits)[0]
@@ -115,9 +127,9 @@ def test_shifted_logps_chunking_and_gradients() -> None:
 def test_mask_validation() -> None:
     logits, ids = torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="position 0"):
-        shifted_per_token_logps(logits, ids, torch.tensor([[True, True, False]]))
+        logps_of(logits, ids, torch.tensor([[True, True, False]]))
     with pytest.raises(TypeError, match="bool"):
-        shifted_per_token_logps(logits, ids, torch.tensor([[0, 1, 1]]))
+        logps_of(logits, ids, torch.tensor([[0, 1, 1]]))
 
 
 def test_bf16_token_with_logp_exactly_zero_is_real() -> None:
@@ -125,7 +137,7 @@ def test_bf16_token_with_logp_exactly_zero_is_real() -> None:
     logits = torch.tensor([[[0.0, 0.0, 0.0], [100.0, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.bfloat16)
     input_ids = torch.tensor([[1, 0, 0]])
     loss_mask = torch.tensor([[False, True, True]])
-    out = shifted_per_token_logps(logits, input_ids, loss_mask)
+    out = logps_of(logits, input_ids, loss_mask)
     assert out.dtype == torch.float32 and out[0, 2] == 0.0
     torch.testing.assert_close(out[0, 1], torch.tensor(-math.log(3.0)))
     assert masked_mean(out, loss_mask).item() == pytest.approx(-math.log(3.0) / 2)  # two real tokens
