@@ -6,6 +6,7 @@ training settings that can change the weights (not logging or checkpoint cadence
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from selpo_core.objectives import (
 )
 from selpo_core.stages.plan import StageInput, StagePlan
 from selpo_core.stages.prepare import tokenized_pairs
+
+log = logging.getLogger("selpo.stages")
 
 
 def train_key(train: TrainConfig) -> dict[str, Any]:
@@ -120,7 +123,6 @@ def oracle_subset(cfg: RunConfig, pairs: list[Any]) -> list[Any]:
 def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
     """DPO (or IPO/SimPO) from the reference on a seeded random subset of the training pairs."""
     from selpo_core import data, models
-    from selpo_core.logps import supports_packing
     from selpo_core.objectives import make_preference_step
     from selpo_core.train import train
 
@@ -130,7 +132,7 @@ def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
         pairs = [_swapped(pair) for pair in pairs]
     model = models.load_model(inputs["reference"], dtype=_fp32())
     ref_model = models.frozen_copy(model) if cfg.oracle.loss != "simpo" else None
-    packed = supports_packing(model)  # padding-free rows where the model keeps packed sequences apart
+    packed = _packing(cfg.oracle.train.pack_pairs, model)
     result = train(model, make_preference_step(cfg.oracle.loss, cfg.oracle, ref_model), pairs,
                    lambda batch: data.collate_pairs(batch, tokenizer.pad_token_id, packed=packed),
                    [pair.length for pair in pairs], cfg.oracle.train, out.partial_dir / "checkpoints",
@@ -176,7 +178,6 @@ def plan_policy(cfg: RunConfig, method: str, data: StageInput, policy_init: Stag
 def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: StageOutput) -> None:
     """Train the policy with one method from the same data, scores and selection as every other method."""
     from selpo_core import data, models
-    from selpo_core.logps import supports_packing
     from selpo_core.objectives import make_preference_step
     from selpo_core.train import train
 
@@ -191,7 +192,7 @@ def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
         same = plan.inputs["anchor"].fingerprint == plan.inputs["policy_init"].fingerprint
         ref_model = models.frozen_copy(model if same else models.load_model(inputs["anchor"], dtype=_fp32()))
     model = models.maybe_apply_lora(model, cfg.policy_model)
-    packed = supports_packing(model)  # padding-free rows where the model keeps packed sequences apart
+    packed = _packing(cfg.policy.train.pack_pairs, model)
 
     def collate(batch: list[Any]) -> dict[str, Any]:
         return data.collate_pairs(batch, tokenizer.pad_token_id, packed=packed, **_pair_extras(batch, per_token))
@@ -265,3 +266,13 @@ def _trained_token_fraction(method: str, pairs: list[Any], per_token: dict[str, 
         rejected = result.final_metrics.get("selected_fraction/rejected", float("nan"))
         return round((chosen + rejected) / 2, 4)
     return 1.0
+
+
+def _packing(requested: bool, model: Any) -> bool:
+    """Pack pair rows when asked and the model keeps packed sequences apart; say so when it cannot."""
+    from selpo_core.logps import supports_packing
+
+    if requested and not supports_packing(model):
+        log.warning("train.pack_pairs: %s cannot keep packed sequences apart; training on padded rows",
+                    type(model).__name__)
+    return requested and supports_packing(model)

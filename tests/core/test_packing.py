@@ -202,3 +202,13 @@ def test_models_that_cannot_isolate_packed_sequences_run_the_padded_rows() -> No
     # eager attention applies the packed mask too
     torch.testing.assert_close(model_per_token_logps(eager_llama, *args, packed=packed["packed"]),
                                model_per_token_logps(eager_llama, *args), atol=1e-5, rtol=0)
+
+
+def test_training_packs_only_when_asked_and_says_when_the_model_cannot(caplog: pytest.LogCaptureFixture) -> None:
+    from selpo_core.stages.training import _packing
+
+    llama, gemma = tiny_llama(), Gemma2ForCausalLM(Gemma2Config(**TINY, head_dim=64))
+    assert (_packing(False, llama), _packing(True, llama)) == (False, True)
+    with caplog.at_level("WARNING", logger="selpo.stages"):
+        assert _packing(True, gemma) is False
+    assert "Gemma2ForCausalLM cannot keep packed sequences apart" in caplog.text
