@@ -147,6 +147,7 @@ def selpo_inner(oracle: Any, reference: Any, pairs: list[Any], device: Any, dtyp
     counter = scoring._Counter()
     rows: list[dict] = []
     with torch.inference_mode(), tqdm(disable=True) as bar:
+        bar.desc = "scoring"  # a disabled bar has none; _score_shard reports progress under it
         for shard in scoring._plan(pairs, cfg, dtype):
             oracle_logps, ref_logps = scoring._score_shard((oracle, reference), shard, cfg, device, counter, bar)
             rows.extend(scoring.iter_rows(scoring._shard_table(shard, oracle_logps, ref_logps, cfg.beta)))
