@@ -110,6 +110,7 @@ def main() -> None:
                 print(f"[{index + 1}/{n}] {policy:>3} {'loaded' if loaded else 'quiet ':>6}: {run['seconds']:7.1f} s "
                       f"({run['threads']} threads, {run['threads_source']}, load avg before "
                       f"{run['load_average_1m_before']})", flush=True)
+                pc.write_results("demo_load", {"runs_per_cell": n, "partial": True, "runs": runs}, args.out)
     cells = {f"{p}_{'loaded' if loaded else 'quiet'}": cell_stats(runs, p, loaded)
              for p in policies for loaded in (False, True)}
     ratios = {f"{p}_loaded_over_quiet": round(cells[f"{p}_loaded"]["median_s"] / cells[f"{p}_quiet"]["median_s"], 3)
