@@ -115,6 +115,31 @@ def test_precision_auto_never_picks_bf16_without_native_bf16(monkeypatch: pytest
                        tmp_path / "ckpt", log_dir=None, desc="auto")
     assert seen and all(not autocast and dtype == torch.float32 for autocast, dtype in seen)
 
+    assert scored_dtype(monkeypatch, tmp_path / "fp32") == torch.float32
+
     monkeypatch.setattr(models, "_cpu_has_fast_bf16", lambda: True)  # the check can fail: bf16 where native
     assert train_module.mixed_precision(TrainConfig().precision, cpu) == "bf16"
-    assert models.resolve_dtype(ScoreConfig().precision, cpu) == torch.bfloat16
+    assert scored_dtype(monkeypatch, tmp_path / "bf16") == torch.bfloat16
+
+
+class _Loaded(Exception):
+    pass
+
+
+def scored_dtype(monkeypatch: pytest.MonkeyPatch, out_dir: Path) -> torch.dtype:
+    """The dtype `score_pairs` with the default ScoreConfig loads its models in (stopped at the first load)."""
+    from selpo_core import scoring
+    from selpo_core.data import TokenizedPair
+
+    loaded: list[torch.dtype] = []
+
+    def load_model(path: Any, *, dtype: torch.dtype, device: Any) -> Any:
+        loaded.append(dtype)
+        raise _Loaded
+
+    monkeypatch.setattr(scoring, "load_model", load_model)
+    monkeypatch.setattr(scoring, "default_device", lambda: torch.device("cpu"))
+    pair = TokenizedPair("ex0", [5, 6], [7, 2], [8, 2], "a", "b", [(0, 1), (1, 1)], [(0, 1), (1, 1)])
+    with pytest.raises(_Loaded):
+        scoring.score_pairs([pair], out_dir / "oracle", out_dir / "reference", ScoreConfig(), out_dir / "scores")
+    return loaded[0]
