@@ -15,7 +15,8 @@ Conditions: quiet (whatever else runs on the box: the JSON records the 1-minute 
 the threads each run chose), loaded (plus one `while True: pass` Python process for the whole run).
 Runs take turns (old quiet, old loaded, new quiet, new loaded, then again), so drift in the box's other load hits
 every cell alike. Reported: median seconds (and spread) per cell, loaded/quiet per policy, new/old per condition.
-Target (issue 15): loaded <= 1.5x quiet.
+Target (issue 15): loaded <= 1.5x quiet. `--set section.field=value` shrinks every run alike (same models, fewer
+steps), for a box too crowded for the full demo.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ BUSY_LOOP = "while True:\n    pass\n"
 THREADS_LINE = re.compile(r"torch threads: (\d+) of (\d+) CPUs \(([^;]+); other load ([\d.na]+)")
 
 
-def demo_command(policy: str, runs_dir: Path, config: Path) -> tuple[list[str], dict[str, str]]:
+def demo_command(policy: str, runs_dir: Path, config: Path, sets: list[str]) -> tuple[list[str], dict[str, str]]:
     args = ["all", "--config", str(config), "--set", f"runs_dir={runs_dir}", "--set", "generate.backend=transformers"]
+    args += [item for value in sets for item in ("--set", value)]
     env = {key: value for key, value in os.environ.items()
            if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(pc.REPO_ROOT))
@@ -52,14 +54,14 @@ def demo_command(policy: str, runs_dir: Path, config: Path) -> tuple[list[str], 
     return [sys.executable, "-m", "selpo_core.stages", *args], env
 
 
-def one_run(policy: str, loaded: bool, config: Path, timeout: float) -> dict[str, Any]:
+def one_run(policy: str, loaded: bool, config: Path, sets: list[str], timeout: float) -> dict[str, Any]:
     busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if loaded else None
     try:
         if busy is not None:
             time.sleep(1.0)  # the competitor is running before the demo starts
         load_before = os.getloadavg()[0]
         with tempfile.TemporaryDirectory(prefix="demo-load-") as tmp:
-            command, env = demo_command(policy, Path(tmp) / "runs", config)
+            command, env = demo_command(policy, Path(tmp) / "runs", config, sets)
             started = time.perf_counter()
             proc = subprocess.run(command, env=env, cwd=pc.REPO_ROOT, capture_output=True, text=True,
                                   timeout=timeout)
@@ -96,6 +98,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="runs per cell (default 3; quick 1)")
     parser.add_argument("--policies", default="old,new", help="comma list of old,new")
     parser.add_argument("--config", type=Path, default=pc.REPO_ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--set", action="append", default=[],
+                        help="section.field=value for every demo run, e.g. fewer steps on a crowded box")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per demo run")
     parser.add_argument("--out", type=Path, default=None, help="results dir (default benchmarks/results)")
     args = parser.parse_args()
@@ -105,7 +109,7 @@ def main() -> None:
     for index in range(n):
         for policy in policies:
             for loaded in (False, True):
-                run = one_run(policy, loaded, args.config, args.timeout)
+                run = one_run(policy, loaded, args.config, args.set, args.timeout)
                 runs.append(run)
                 print(f"[{index + 1}/{n}] {policy:>3} {'loaded' if loaded else 'quiet ':>6}: {run['seconds']:7.1f} s "
                       f"({run['threads']} threads, {run['threads_source']}, load avg before "
@@ -119,7 +123,8 @@ def main() -> None:
         for condition in ("quiet", "loaded"):
             ratios[f"new_over_old_{condition}"] = round(
                 cells[f"new_{condition}"]["median_s"] / cells[f"old_{condition}"]["median_s"], 3)
-    path = pc.write_results("demo_load", {"runs_per_cell": n, "cells": cells, "ratios": ratios, "runs": runs,
+    path = pc.write_results("demo_load", {"runs_per_cell": n, "overrides": args.set, "cells": cells,
+                                          "ratios": ratios, "runs": runs,
                                           "target": "loaded <= 1.5x quiet", "busy_note": pc.busy_machine_note()},
                             args.out)
     print(pc.table(["cell", "median s", "spread", "runs"],

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selpo_core.config import PRECISIONS, ModelConfig
+from selpo_core.hardware import cpu_has_native_bf16
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -49,23 +50,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX; ARM's "bf16" feature
-
-
 def _cpu_has_fast_bf16() -> bool:
-    """bf16 matmul in hardware: oneDNN supports bf16 here and the CPU has a bf16 instruction set.
-
-    oneDNN alone is not enough: it reports bf16 support on any AVX-512 CPU, where Skylake-class chips without
-    AVX512_BF16 emulate it (and AVX2-only CPUs ran bf16 matmul ~75x slower than fp32). Where the CPU flags are
-    unreadable (not Linux), oneDNN's answer stands."""
-    from selpo_core.hardware import cpu_flags
-
-    try:
-        onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # private op: absent or raising on some builds -> assume no fast bf16
-        return False
-    flags = cpu_flags()
-    return onednn and (not flags or any(flag in flags for flag in _NATIVE_BF16_FLAGS))
+    # bf16 matmul in hardware (hardware.cpu_has_native_bf16); tests replace this to play a CPU without it.
+    return cpu_has_native_bf16()
 
 
 def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:
