@@ -5,8 +5,13 @@ Same model (perf_common's 42M Llama, head size 64, random init, vocab 32000 with
 tokens/s counts generated tokens over generation alone: model load and vLLM's engine start are reported apart.
 Greedy answers are compared token for token, a check that both backends did the same work.
 
-    python -m benchmarks.generation_speed                  # 64 prompts x 64 tokens, fp32 and bf16
-    python -m benchmarks.generation_speed --quick          # 16 prompts x 32 tokens, bf16
+    python -m benchmarks.generation_speed                  # 64 prompts x 64 tokens, fp32 (+ bf16 where native)
+    python -m benchmarks.generation_speed --quick          # 16 prompts x 32 tokens, precision auto's dtype
+
+bf16 runs only where it is native (AVX512-BF16 / AMX; `--precisions fp32,bf16` forces it): on AVX2-only CPUs it is
+emulated, ~75x slower than fp32. Each result states its model FLOP/s (2 x the parameters doing matmuls, the tied
+LM head included, per generated token; prompt prefill not counted) as a fraction of the measured matmul peak of its
+dtype (`peak_fraction`; decoding is memory-bound, so this is small by nature).
 """
 
 from __future__ import annotations
@@ -67,7 +72,19 @@ def run(model: Path, n_prompts: int, new_tokens: int, precision: str, python: Pa
     tokens = sum(n for r in hf_records for s in r.n_tokens for n in s)
     vllm_tokens = sum(n for r in vllm_records for s in r.n_tokens for n in s)
     agree = sum(a.answers == b.answers for a, b in zip(hf_records, vllm_records, strict=True))
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from selpo_core.hardware import flop_parameters
+
+    with torch.device("meta"):
+        matmul_params = flop_parameters(LlamaForCausalLM(AutoConfig.from_pretrained(model)))[0]
+
+    def peak_fraction(tokens_per_second: float) -> float:
+        return pc.peak_fraction(2.0 * matmul_params * tokens_per_second, precision, "cpu")
+
     return {"precision": precision, "prompts": n_prompts, "new_tokens": new_tokens,
+            "transformers_peak_fraction": peak_fraction(tokens / hf_seconds),
+            "vllm_peak_fraction": peak_fraction(vllm_tokens / times["seconds"]),
             "transformers_tokens_per_second": tokens / hf_seconds, "transformers_load_seconds": hf_load,
             "vllm_tokens_per_second": vllm_tokens / times["seconds"], "vllm_start_seconds": times["start_seconds"],
             "vllm_wall_seconds": vllm_wall, "speedup": (vllm_tokens / times["seconds"]) / (tokens / hf_seconds),
@@ -76,10 +93,11 @@ def run(model: Path, n_prompts: int, new_tokens: int, precision: str, python: Pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="16 prompts x 32 tokens, bf16 only")
+    parser.add_argument("--quick", action="store_true", help="16 prompts x 32 tokens, precision auto's dtype only")
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
-    parser.add_argument("--precisions", default=None, help="comma list of fp32,bf16 (default both; quick: bf16)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma list of fp32,bf16 (default fp32 + bf16 where native; quick: precision auto's)")
     parser.add_argument("--size", default="42M", help="perf_common model size (vLLM on CPU needs head size 64: 42M)")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -91,18 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     if python is None:
         raise SystemExit("generation_speed needs the vLLM venv: run `make vllm-env`")
     n_prompts, new_tokens = args.prompts or (16 if args.quick else 64), args.new_tokens or (32 if args.quick else 64)
-    precisions = (args.precisions or ("bf16" if args.quick else "fp32,bf16")).split(",")
+    auto = pc.auto_dtype("cpu")[1]
+    default = auto if args.quick else ("fp32,bf16" if auto == "bf16" else "fp32")
+    precisions = (args.precisions or default).split(",")
     note = pc.busy_machine_note()
     print(f"generation_speed: {args.size}, {n_prompts} prompts x {new_tokens} greedy tokens"
           + (f"\n  NOTE {note}" if note else ""), flush=True)
     with tempfile.TemporaryDirectory(prefix="selpo-bench-gen-") as tmp:
         model = save_model(Path(tmp) / "model", args.size, pc.VOCAB_SIZE)
         results = [run(model, n_prompts, new_tokens, p, python, Path(tmp) / f"work-{p}") for p in precisions]
-    print(pc.table(["precision", "transformers tok/s", "vLLM tok/s", "x", "vLLM engine start s", "greedy equal"],
+    print(pc.table(["precision", "transformers tok/s", "vLLM tok/s", "x", "% peak (hf / vLLM)", "vLLM engine start s",
+                    "greedy equal"],
                    [[r["precision"], pc.fmt(r["transformers_tokens_per_second"]), pc.fmt(r["vllm_tokens_per_second"]),
-                     f"{r['speedup']:.1f}", f"{r['vllm_start_seconds']:.1f}", r["greedy_answers_equal"]]
+                     f"{r['speedup']:.1f}", f"{100 * r['transformers_peak_fraction']:.1f}% / "
+                     f"{100 * r['vllm_peak_fraction']:.1f}%", f"{r['vllm_start_seconds']:.1f}",
+                     r["greedy_answers_equal"]]
                     for r in results]))
-    summary = "SUMMARY generation_speed [cpu]: " + "; ".join(
+    summary = f"SUMMARY generation_speed [cpu, precision auto = {auto}]: " + "; ".join(
         f"{r['precision']} vLLM {pc.fmt(r['vllm_tokens_per_second'])} tok/s vs transformers "
         f"{pc.fmt(r['transformers_tokens_per_second'])} ({r['speedup']:.1f}x), engine start "
         f"{r['vllm_start_seconds']:.1f} s, greedy equal {r['greedy_answers_equal']}" for r in results)

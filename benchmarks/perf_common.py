@@ -10,7 +10,11 @@ What every performance script shares:
   142, p90 251), ~9% of responses reach the cap: the shape of chat preference data (HH-RLHF, UltraFeedback) at
   max_length 256;
 - the two Llama sizes (`MODEL_SIZES`): random init, vocab 32000 (the Llama-2 tokenizer's size), tied embeddings;
-- timing (`interleaved`, `median`), the FLOP convention (`forward_flops`), JSON results with the machine.
+- timing (`interleaved`, `median`), the FLOP convention (`forward_flops`), JSON results with the machine;
+- precision: `auto_dtype` is what selpo's `precision: auto` runs on a device (never a hard-coded bf16: on AVX2-only
+  CPUs bf16 matmul is emulated, ~75x slower than fp32), and every results JSON records the CPU capability
+  (AVX2 / AVX-512 / AVX512_BF16 / AMX, bf16 native or not) and the measured matmul peak of fp32 and bf16
+  (`machine.matmul_peak_gflops`, 1024^3, median of 3), against which `peak_fraction` states a contender's GFLOP/s.
 """
 
 from __future__ import annotations
@@ -218,6 +222,26 @@ def gemm_pass(operands: list, device: Any) -> dict[str, Any]:
     return {"gflops_per_s": total_flops / total_time / 1e9, "per_shape": per_shape}
 
 
+def auto_dtype(device: Any) -> tuple[Any, str]:
+    """(dtype, "bf16"/"fp32") that selpo's `precision: auto` runs on `device`."""
+    import torch
+
+    from selpo_core.models import resolve_dtype
+
+    dtype = resolve_dtype("auto", device)
+    return dtype, "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def peak_fraction(flops_per_s: float, dtype_name: str, device: Any) -> float:
+    """`flops_per_s` over the measured square-matmul peak of `dtype_name` on `device` (selpo_core.hardware)."""
+    import torch
+
+    from selpo_core.hardware import matmul_peak_flops
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    return flops_per_s / matmul_peak_flops(dtype, getattr(device, "type", str(device)))
+
+
 def square_gemm_gflops(device: Any, dtype: Any, side: int = 2048, repeats: int = 3) -> float:
     import torch
 
@@ -246,9 +270,16 @@ def machine_info() -> dict[str, Any]:
         import transformers
 
         info["transformers"] = transformers.__version__
-        info["cpu_fast_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # informational only
+    except ImportError:  # informational only
         pass
+    from selpo_core.hardware import cpu_capability, matmul_peaks
+
+    info["cpu_capability"] = cpu_capability()
+    info["cpu_bf16_native"] = info["cpu_capability"]["bf16_native"]
+    info["precision_auto_cpu"] = auto_dtype("cpu")[1]
+    info["matmul_peak_gflops"] = {"cpu": matmul_peaks("cpu")}
+    if torch.cuda.is_available():
+        info["matmul_peak_gflops"]["cuda"] = matmul_peaks("cuda")
     return info
 
 

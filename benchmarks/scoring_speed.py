@@ -9,7 +9,7 @@ lengths, prompt+response <= 256, vocab 32000), every contender scores both model
       top-k / bottom-k by repeated argmax/argmin in Python. (We grant it `torch.no_grad`, which the original lacks,
       and align the scores to the response tokens correctly; the original is one position off. Same work.) One
       response at a time, its rate does not depend on how many: it is timed on the first `--loop-pairs` pairs.
-  (b) naive batched bf16: 8 pairs (16 rows) per batch in data order, right-padded, full bf16 logits, one fp32
+  (b) naive batched: 8 pairs (16 rows) per batch in data order, right-padded, full logits, one fp32
       log_softmax over [B, T, V], gather, torch.topk per response.
   (c) selpo inner: `scoring._plan` + `scoring._score_shard` (length-sorted token-budget batches of 4096 tokens,
       LM head only at the response rows, fp32 log-softmax of those rows) + the Parquet table +
@@ -23,13 +23,19 @@ lengths, prompt+response <= 256, vocab 32000), every contender scores both model
 Real tokens = prompt + response of every response, counted once although two models read it (selpo's own
 `real_tokens_per_second`). FLOPs: `perf_common.forward_flops` (2 x non-embedding params per real token + the LM
 head only at response rows, both models); the same useful FLOPs are credited to every contender. The FLOP/s
-reference is one bf16 product of each of the model's own GEMM shapes (2048 tokens), FLOP-weighted, timed as one more
-contender in the same interleaved rounds (so it sees the same machine). "best" columns use each contender's fastest
-round (and the fastest GEMM round): on a machine shared with other jobs they compare undisturbed runs.
-Selection agreement (on `--agreement-pairs` pairs): selpo's selection from bf16 scores vs from fp32 scores
-(per-response Jaccard, share of identical sets), and selpo fp32 vs the per-example loop (a check that both compute
-the same thing). "selpo decoder stacks only" (timed once) runs just the decoder layers on selpo's batches: what is
+reference is one product of each of the model's own GEMM shapes (2048 tokens) in the fast dtype, FLOP-weighted, timed
+as one more contender in the same interleaved rounds (so it sees the same machine). "best" columns use each
+contender's fastest round (and the fastest GEMM round): on a machine shared with other jobs they compare undisturbed
+runs. Selection agreement (on `--agreement-pairs` pairs): selpo's selection from bf16 scores vs from fp32 scores
+(per-response Jaccard, share of identical sets; only where bf16 is native: emulated bf16 would take minutes), and
+selpo fp32 vs the per-example loop (a check that both compute the same thing). "selpo decoder stacks only" (timed
+once) runs just the decoder layers on selpo's batches: what is
 left of (c) without the LM head, the log-softmax and the bookkeeping.
+
+Precision: (b)-(e) run in the dtype selpo's `precision: auto` picks on this device (bf16 where it is native: CUDA,
+CPUs with AVX512-BF16 / AMX; else fp32, as on AVX2-only CPUs, where bf16 matmul is ~75x slower), the loop (a) in fp32
+as the original does. Each contender's GFLOP/s is also stated as a fraction of the measured square-matmul peak of the
+dtype it ran (`peak_fraction`; the peaks are in machine.matmul_peak_gflops).
 
     python -m benchmarks.scoring_speed            # 8M and 42M, 32 pairs (8 for the loop), 5 interleaved repeats
     python -m benchmarks.scoring_speed --quick    # 16 pairs (4 for the loop), 2 repeats
@@ -141,6 +147,7 @@ def selpo_inner(oracle: Any, reference: Any, pairs: list[Any], device: Any, dtyp
     counter = scoring._Counter()
     rows: list[dict] = []
     with torch.inference_mode(), tqdm(disable=True) as bar:
+        bar.desc = "scoring"  # a disabled bar has none; _score_shard reports progress under it
         for shard in scoring._plan(pairs, cfg, dtype):
             oracle_logps, ref_logps = scoring._score_shard((oracle, reference), shard, cfg, device, counter, bar)
             rows.extend(scoring.iter_rows(scoring._shard_table(shard, oracle_logps, ref_logps, cfg.beta)))
@@ -186,7 +193,7 @@ def selpo_decoder_only(oracle: Any, reference: Any, pairs: list[Any], device: An
 
 
 def vllm_contender(oracle_dir: Path, reference_dir: Path, pairs: list[Any], subset: list[Any]) -> dict[str, Any]:
-    """(e): bf16 timing on `pairs`, fp32 log-ratios on `subset` (for agreement), or {"skipped": why}."""
+    """(e): precision-auto timing on `pairs`, fp32 log-ratios on `subset` (for agreement), or {"skipped": why}."""
     from selpo_core import scoring
     from selpo_core.config import ScoreConfig
     from selpo_core.generate_vllm import read_model_shape, unsupported_reason
@@ -198,7 +205,7 @@ def vllm_contender(oracle_dir: Path, reference_dir: Path, pairs: list[Any], subs
     if why:
         return {"skipped": why}
     out: dict[str, Any] = {}
-    for precision, data in (("bf16", pairs), ("fp32", subset)):
+    for precision, data in (("auto", pairs), ("fp32", subset)):
         with tempfile.TemporaryDirectory(prefix="selpo-bench-vllm-") as tmp:
             started = time.perf_counter()
             cfg = ScoreConfig(precision=precision, backend="vllm", **SCORER)
@@ -240,9 +247,10 @@ def bench_size(size: pc.LlamaSize, pairs: list[Any], repeats: int, device: Any, 
     oracle32 = pc.perturbed_copy(reference32, seed=1)
     params = pc.parameter_counts(reference32)
     reference32, oracle32 = reference32.to(device), oracle32.to(device)
+    fast, fast_name = pc.auto_dtype(device)  # what `precision: auto` runs here
     reference16 = pc.build_llama(size, vocab=vocab, seed=0)
     oracle16 = pc.perturbed_copy(reference16, seed=1)
-    reference16, oracle16 = reference16.to(device, torch.bfloat16), oracle16.to(device, torch.bfloat16)
+    reference16, oracle16 = reference16.to(device, fast), oracle16.to(device, fast)
 
     def counts(subset: list[Any]) -> tuple[int, int]:
         real = sum(len(p.prompt_ids) + len(r) for p in subset for r in (p.chosen_ids, p.rejected_ids))
@@ -260,10 +268,10 @@ def bench_size(size: pc.LlamaSize, pairs: list[Any], repeats: int, device: Any, 
         reference32.save_pretrained(reference_dir)
 
         def e2e(subset: list[Any]) -> None:
-            last_e2e.update(selpo_end_to_end(oracle_dir, reference_dir, subset, "bf16"))
+            last_e2e.update(selpo_end_to_end(oracle_dir, reference_dir, subset, "auto"))
 
         gemm_ops = pc.gemm_operands(size, vocab=vocab, rows=2048, head_rows=int(2048 * response_tokens / real_tokens),
-                                    device=device, dtype=torch.bfloat16)
+                                    device=device, dtype=fast)
         gemm_runs: list[dict[str, Any]] = []
 
         def contenders(full: bool) -> dict[str, Any]:
@@ -272,9 +280,9 @@ def bench_size(size: pc.LlamaSize, pairs: list[Any], repeats: int, device: Any, 
                 # Timed in the same rounds as the contenders, so it sees the same machine (load, clocks).
                 "GEMM reference": lambda: gemm_runs.append(pc.gemm_pass(gemm_ops, device)),
                 "(a) per-example loop, fp32": lambda: per_example_loop(oracle32, reference32, loop_data, device),
-                "(b) naive batched, bf16": lambda: naive_batched(oracle16, reference16, data, device),
-                "(c) selpo inner, bf16": lambda: selpo_inner(oracle16, reference16, data, device, torch.bfloat16),
-                "(d) selpo score_pairs e2e, bf16": lambda: e2e(data),
+                f"(b) naive batched, {fast_name}": lambda: naive_batched(oracle16, reference16, data, device),
+                f"(c) selpo inner, {fast_name}": lambda: selpo_inner(oracle16, reference16, data, device, fast),
+                f"(d) selpo score_pairs e2e, {fast_name}": lambda: e2e(data),
             }
 
         pc.interleaved(contenders(full=False), 1, warmup=False, device=device)  # first-call costs, on 2 pairs
@@ -282,32 +290,36 @@ def bench_size(size: pc.LlamaSize, pairs: list[Any], repeats: int, device: Any, 
         times = pc.interleaved(contenders(full=True), repeats, warmup=False, device=device)
         del times["GEMM reference"]
         vllm = vllm_contender(oracle_dir, reference_dir, pairs, pairs[:agreement_pairs])
-        if "bf16" in vllm:  # one run: an engine start per model per call
-            times["(e) vLLM prompt_logprobs, bf16 (scoring only, 1 run)"] = [vllm["bf16"]["seconds"]]
+        if "auto" in vllm:  # one run: an engine start per model per call
+            times[f"(e) vLLM prompt_logprobs, {fast_name} (scoring only, 1 run)"] = [vllm["auto"]["seconds"]]
     # Breakdown, timed once: the decoder stacks alone on selpo's own batches (no LM head, no log-softmax).
-    times["selpo decoder stacks only, bf16"] = pc.interleaved(
-        {"decoder": lambda: selpo_decoder_only(oracle16, reference16, pairs, device, torch.bfloat16)}, 1,
+    times[f"selpo decoder stacks only, {fast_name}"] = pc.interleaved(
+        {"decoder": lambda: selpo_decoder_only(oracle16, reference16, pairs, device, fast)}, 1,
         warmup=False, device=device)["decoder"]
 
     # Agreement (untimed, on a subset): selpo's selection from bf16 vs fp32 scores; selpo fp32 vs the loop.
     subset = pairs[:agreement_pairs]
-    rows16, _ = selpo_inner(oracle16, reference16, subset, device, torch.bfloat16)
     rows32, _ = selpo_inner(oracle32, reference32, subset, device, torch.float32)
+    if fast == torch.bfloat16:
+        rows16, _ = selpo_inner(oracle16, reference16, subset, device, torch.bfloat16)
+    else:  # not native here: bf16 is never what selpo runs, and emulated it would take minutes
+        rows16 = None
     loop = per_example_loop(oracle32, reference32, subset, device)
-    sel16, sel32 = _selected_sets(rows16), _selected_sets(rows32)
+    sel32 = _selected_sets(rows32)
+    sel16 = _selected_sets(rows16) if rows16 is not None else None
     loop_sel = {key: (top if key[1] == "chosen" else bottom) for key, (_, top, bottom) in loop.items()}
     by_key32 = {(row["example_id"], row["side"]): row for row in rows32}
     max_diff = max(float((torch.tensor(by_key32[key]["log_ratio"]) - adv).abs().max()) for key, (adv, _, _)
                    in loop.items())
     ratios = [abs(v) for row in rows32 for v in row["log_ratio"]]
-    _, counter = selpo_inner(oracle16, reference16, pairs, device, torch.bfloat16)
+    _, counter = selpo_inner(oracle16, reference16, pairs, device, fast)
 
     rates = [run["gflops_per_s"] for run in gemm_runs]
     gemm = {"model_gemm_gflops_per_s": pc.median(rates), "best_model_gemm_gflops_per_s": max(rates),
             "rounds_gflops_per_s": [round(r, 1) for r in rates],
             "per_shape_gflops_per_s": {k: round(pc.median([r["per_shape"][k] for r in gemm_runs]), 1)
                                        for k in gemm_runs[0]["per_shape"]},
-            "square_2048_gflops_per_s": pc.square_gemm_gflops(device, torch.bfloat16)}
+            "square_2048_gflops_per_s": pc.square_gemm_gflops(device, fast), "dtype": fast_name}
     results = []
     for name, values in times.items():
         seconds = pc.median(values)
@@ -315,7 +327,9 @@ def bench_size(size: pc.LlamaSize, pairs: list[Any], repeats: int, device: Any, 
         if name.startswith("selpo decoder"):  # credited with the decoder layers' FLOPs only: it runs no LM head
             response = 0
         gflops = 2 * pc.forward_flops(params, size.hidden, vocab, tokens=real, head_rows=response) / seconds / 1e9
-        results.append({"method": name, "median_seconds": round(seconds, 4), "spread": round(pc.spread(values), 3),
+        ran = "fp32" if name.startswith("(a)") else fast_name
+        results.append({"method": name, "dtype": ran, "peak_fraction": pc.peak_fraction(gflops * 1e9, ran, device),
+                        "median_seconds": round(seconds, 4), "spread": round(pc.spread(values), 3),
                         "real_tokens": real, "real_tokens_per_second": real / seconds, "gflops_per_s": gflops,
                         "fraction_of_gemm": gflops / gemm["model_gemm_gflops_per_s"],
                         "best_real_tokens_per_second": real / min(values), "seconds": [round(v, 4) for v in values],
@@ -334,11 +348,13 @@ def bench_size(size: pc.LlamaSize, pairs: list[Any], repeats: int, device: Any, 
                                                                    "seconds")},
         "median_abs_log_ratio": sorted(ratios)[len(ratios) // 2],
         "agreement_pairs": len(subset),
-        "agreement_bf16_vs_fp32": agreement(sel16, sel32),
+        "dtype": fast_name,
+        "agreement_bf16_vs_fp32": agreement(sel16, sel32) if sel16 is not None else
+        {"skipped": "bf16 is not native here (precision auto runs fp32)"},
         "agreement_selpo_fp32_vs_loop": agreement(sel32, loop_sel),
         "max_abs_log_ratio_diff_selpo_fp32_vs_loop": max_diff,
         "vllm": {"skipped": vllm["skipped"]} if "skipped" in vllm else {
-            "wall_seconds_bf16": round(vllm["bf16"]["wall_seconds"], 2),  # with subprocess and engine starts
+            "wall_seconds_auto": round(vllm["auto"]["wall_seconds"], 2),  # with subprocess and engine starts
             "max_abs_log_ratio_diff_vllm_fp32_vs_selpo_fp32": max(
                 float(abs(torch.tensor(by_key32[key]["log_ratio"]) - torch.tensor(lr)).max())
                 for key, lr in vllm["fp32"]["log_ratio"].items())},
@@ -386,28 +402,33 @@ def main(argv: list[str] | None = None) -> int:
         p = result["parameters"]
         print(f"\n{name}: {p['total'] / 1e6:.1f}M params ({p['non_embedding'] / 1e6:.1f}M non-embedding), "
               f"{result['real_tokens']} real tokens ({result['response_tokens']} response), "
-              f"bf16 model-shaped GEMM ref {result['gemm_reference']['model_gemm_gflops_per_s']:.0f} GFLOP/s median, "
+              f"{result['dtype']} model-shaped GEMM ref {result['gemm_reference']['model_gemm_gflops_per_s']:.0f} "
+              "GFLOP/s median, "
               f"{result['gemm_reference']['best_model_gemm_gflops_per_s']:.0f} best "
               f"(square 2048^3: {result['gemm_reference']['square_2048_gflops_per_s']:.0f})")
-        print(pc.table(["method", "real tok/s", "x loop", "GFLOP/s", "% GEMM ref", "median s", "spread",
-                        "best tok/s", "x loop (best)", "% GEMM (best)"], [
+        print(pc.table(["method", "real tok/s", "x loop", "GFLOP/s", "% GEMM ref", "% peak of its dtype",
+                        "median s", "spread", "best tok/s", "x loop (best)", "% GEMM (best)"], [
             [r["method"], pc.fmt(r["real_tokens_per_second"]), f"{r['speedup_vs_loop']:.2f}",
-             pc.fmt(r["gflops_per_s"], 1), f"{100 * r['fraction_of_gemm']:.0f}%", f"{r['median_seconds']:.3f}",
+             pc.fmt(r["gflops_per_s"], 1), f"{100 * r['fraction_of_gemm']:.0f}%",
+             f"{100 * r['peak_fraction']:.0f}% {r['dtype']}", f"{r['median_seconds']:.3f}",
              f"{100 * r['spread']:.0f}%", pc.fmt(r["best_real_tokens_per_second"]),
              f"{r['best_speedup_vs_loop']:.2f}", f"{100 * r['best_fraction_of_gemm']:.0f}%"]
             for r in result["results"]]))
         a16, aloop = result["agreement_bf16_vs_fp32"], result["agreement_selpo_fp32_vs_loop"]
         diff = result["max_abs_log_ratio_diff_selpo_fp32_vs_loop"]
-        print(f"selection bf16 vs fp32 (selpo, {a16['responses']} responses, median |log-ratio| "
-              f"{result['median_abs_log_ratio']:.3f}): mean Jaccard {a16['mean_jaccard']:.3f}, identical sets "
-              f"{100 * a16['identical_sets']:.0f}%; selpo fp32 vs loop: Jaccard {aloop['mean_jaccard']:.3f}, "
+        print((f"selection bf16 vs fp32: {a16['skipped']}" if "skipped" in a16 else
+               f"selection bf16 vs fp32 (selpo, {a16['responses']} responses, median |log-ratio| "
+               f"{result['median_abs_log_ratio']:.3f}): mean Jaccard {a16['mean_jaccard']:.3f}, identical sets "
+               f"{100 * a16['identical_sets']:.0f}%")
+              + f"; selpo fp32 vs loop: Jaccard {aloop['mean_jaccard']:.3f}, "
               f"max |log-ratio diff| {diff:.1e}; selpo batches pad {100 * result['selpo_pad_fraction']:.1f}%",
               flush=True)
         v = result["vllm"]
         print(f"(e) vLLM skipped: {v['skipped']}" if "skipped" in v else
               f"(e) vLLM fp32 vs selpo fp32: max |log-ratio diff| "
               f"{v['max_abs_log_ratio_diff_vllm_fp32_vs_selpo_fp32']:.1e};"
-              f" bf16 call {v['wall_seconds_bf16']:.1f} s wall with subprocess and engine starts", flush=True)
+              f" {result['dtype']} call {v['wall_seconds_auto']:.1f} s wall with subprocess and engine starts",
+              flush=True)
 
     def pick(result: dict[str, Any], prefix: str) -> dict[str, Any]:
         return next(r for r in result["results"] if r["method"].startswith(prefix))
@@ -417,15 +438,18 @@ def main(argv: list[str] | None = None) -> int:
         inner, e2e = pick(result, "(c)"), pick(result, "(d)")
         parts.append(f"{result['size']} selpo {inner['speedup_vs_loop']:.1f}x loop (best-of "
                      f"{inner['best_speedup_vs_loop']:.1f}x, e2e {e2e['speedup_vs_loop']:.1f}x), "
-                     f"{pc.fmt(inner['real_tokens_per_second'])} tok/s, {100 * inner['fraction_of_gemm']:.0f}% of bf16 "
-                     f"GEMM (best-of {100 * inner['best_fraction_of_gemm']:.0f}%)")
+                     f"{pc.fmt(inner['real_tokens_per_second'])} tok/s, {100 * inner['fraction_of_gemm']:.0f}% of "
+                     f"{result['dtype']} GEMM (best-of {100 * inner['best_fraction_of_gemm']:.0f}%), "
+                     f"{100 * inner['peak_fraction']:.0f}% of the {result['dtype']} matmul peak")
     largest = per_size[-1]
     inner = pick(largest, "(c)")
     verdict = [f"speedup target >=4x on {largest['size']}: " + ("met" if inner["speedup_vs_loop"] >= 4 else "NOT met"),
                "FLOP/s target >=50%: " + ("met" if inner["fraction_of_gemm"] >= 0.5 else "NOT met")]
     a16 = largest["agreement_bf16_vs_fp32"]
-    summary = (f"SUMMARY scoring_speed [{device.type}]: " + "; ".join(parts) + f"; bf16-vs-fp32 selection Jaccard "
-               f"{a16['mean_jaccard']:.3f} ({100 * a16['identical_sets']:.0f}% identical); " + ", ".join(verdict))
+    agree = ("bf16 not native: no bf16 agreement" if "skipped" in a16 else f"bf16-vs-fp32 selection Jaccard "
+             f"{a16['mean_jaccard']:.3f} ({100 * a16['identical_sets']:.0f}% identical)")
+    summary = (f"SUMMARY scoring_speed [{device.type}, {largest['dtype']}]: " + "; ".join(parts) + f"; {agree}; "
+               + ", ".join(verdict))
     path = pc.write_results("scoring_speed", {
         "settings": {"pairs": n_pairs, "loop_pairs": loop_pairs, "agreement_pairs": agreement_pairs,
                      "repeats": repeats, "vocab": args.vocab, "device": str(device), "selected_fraction": K,

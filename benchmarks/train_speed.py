@@ -1,6 +1,6 @@
 """Training-step speed and memory: selpo's `sepo` and `dpo` steps vs TRL's DPOTrainer, same model, data, batch.
 
-Model: the 8M Llama of benchmarks/perf_common.py (vocab 32000, random init, fp32 weights, bf16 autocast in every
+Model: the 8M Llama of benchmarks/perf_common.py (vocab 32000, random init, fp32 weights, precision auto in every
 trainer, AdamW, grad-norm clipping 1.0, no gradient checkpointing). Data: the same random-token pairs on the
 realistic length distribution (prompt+response <= 256), batch 8 pairs (16 rows).
 
@@ -154,7 +154,6 @@ def _selpo_variant(kind: str) -> tuple[str, str]:
 
 
 def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    import dataclasses
 
     import torch
 
@@ -187,9 +186,7 @@ def _selpo_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, A
 
     steps = settings["warmup"] + settings["steps"] + 1  # the last step has no next collation to end its timing
     cfg = TrainConfig(max_steps=steps, batch_size=settings["batch_pairs"], lr=5e-4, warmup_steps=0,
-                      precision="bf16", save_every=0, log_every=steps, report_to="none", seed=0)
-    if variant == "ref":
-        cfg = dataclasses.replace(cfg, precision="auto")
+                      precision="auto", save_every=0, log_every=steps, report_to="none", seed=0)
     if variant == "allrows":  # this process only: the library without its selected-token fast path
         objectives.READS_SELECTED_ONLY = ()
     step_fn = make_preference_step(method, PolicyConfig(), ref_model)
@@ -213,7 +210,7 @@ def _offline_inputs(method: str, model: Any, pairs: list[Any], tmp: Path) -> dic
 
     model.save_pretrained(tmp / "reference")
     pc.perturbed_copy(model, seed=1).save_pretrained(tmp / "oracle")
-    scoring.score_pairs(pairs, tmp / "oracle", tmp / "reference", ScoreConfig(precision="bf16"), tmp / "scores")
+    scoring.score_pairs(pairs, tmp / "oracle", tmp / "reference", ScoreConfig(precision="auto"), tmp / "scores")
     table = scoring.read_scores(tmp / "scores")
     if method == "sepo":
         rows = list(scoring.iter_rows(table))
@@ -281,7 +278,8 @@ def _trl_worker(kind: str, settings: dict[str, Any], tmp: Path) -> dict[str, Any
     steps = settings["warmup"] + settings["steps"] + 1
     args = DPOConfig(
         output_dir=str(tmp / "out"), per_device_train_batch_size=settings["batch_pairs"], max_steps=steps,
-        learning_rate=5e-4, lr_scheduler_type="linear", warmup_steps=0, bf16=True, max_length=pc.MAX_LENGTH,
+        learning_rate=5e-4, lr_scheduler_type="linear", warmup_steps=0, bf16=pc.auto_dtype(device)[1] == "bf16",
+        max_length=pc.MAX_LENGTH,
         precompute_ref_log_probs=precompute, gradient_checkpointing=False, logging_steps=steps, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, beta=0.1, max_grad_norm=1.0,
         use_cpu=device.type == "cpu",

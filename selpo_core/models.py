@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from selpo_core.config import PRECISIONS, ModelConfig
+from selpo_core.hardware import cpu_has_native_bf16
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,11 +51,8 @@ def default_device() -> torch.device:
 
 
 def _cpu_has_fast_bf16() -> bool:
-    # oneDNN reports native bf16 matmul (AVX512-BF16 / AMX); without it bf16 is emulated and slower than fp32.
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # private op: absent or raising on some builds -> assume no fast bf16
-        return False
+    # bf16 matmul in hardware (hardware.cpu_has_native_bf16); tests replace this to play a CPU without it.
+    return cpu_has_native_bf16()
 
 
 def resolve_dtype(precision: str, device: torch.device | str) -> torch.dtype:

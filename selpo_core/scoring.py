@@ -407,7 +407,9 @@ def _release_memory(*, collect: bool) -> None:
 
 def _bar(total: int, desc: str) -> tqdm:
     # Real (non-pad) prompt+response tokens, so the rate is the throughput users can compare across runs.
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True, mininterval=2.0)
+    bar.desc = desc  # a disabled bar (TQDM_DISABLE=1) has no desc, and progress.report reads it
+    return bar
 
 
 # ------------------------------------------------------------------------------------------------ public

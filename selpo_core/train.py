@@ -16,9 +16,17 @@ open metrics window, with checksums of every file; the newest intact one is load
 is named and skipped. In fp32 a resumed run ends with bit-identical weights and the same metrics as an
 uninterrupted one (tests check this), so `save_every`, `keep_checkpoints` and logging never change results.
 
-Throughput: `tokens_per_second` in the logged metrics is real (non-padding) tokens of all processes per
-second of training in that logging window (a window cut by a resume keeps its tokens and seconds from before
-the interruption). `TrainResult.tokens_per_second` covers this call's loop; `total_tokens_per_second` covers
+Throughput: `tokens` in the logged metrics is the real (non-padding: attention_mask) tokens of all processes
+in that logging window, `tokens_per_second` those per second of training in the window (a window cut by a
+resume keeps its tokens and seconds from before the interruption), `tokens_per_second_per_device` that over
+the number of processes. `flops_per_second` is the model FLOPs of those tokens per second, FLOPs per token
+from `hardware.training_flops_per_token` (6 * parameters for full fine-tuning, + 2 * parameters of a frozen
+model run forward on the same tokens, `frozen_forward_params`), and `mfu` that per device over the device's
+peak for the dtype the matmuls run in (bf16 under autocast, else fp32; `hardware.peak_flops`: measured on CPU,
+the datasheet on known GPUs, absent where unknown), as torchtune and open-instruct report them. Where a log dir
+is given, every logged window is also a line of `<log_dir>/metrics.jsonl` (`step` and the metrics; a resumed
+run appends the steps after its checkpoint again, so readers keep the last line of each step).
+`TrainResult.tokens_per_second` covers this call's loop; `total_tokens_per_second` covers
 every step of the run across resumes (seconds of the steps that were kept, none of the lost work).
 """
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -43,7 +52,7 @@ from accelerate.utils import parse_flag_from_env, send_to_device, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from selpo_core import progress
+from selpo_core import hardware, progress
 from selpo_core.batching import length_bucketed_batches
 from selpo_core.checkpoints import TRAINER_STATE, latest_checkpoint, read_state, resumable_checkpoint, save_checkpoint
 from selpo_core.config import TrainConfig
@@ -51,6 +60,10 @@ from selpo_core.config import TrainConfig
 log = logging.getLogger("selpo.train")
 
 StepFn = Callable[[Any, dict[str, Any]], tuple[Tensor, dict[str, Tensor | float]]]
+
+TIMING_METRICS = ("tokens_per_second", "tokens_per_second_per_device", "flops_per_second", "mfu")
+"""Logged metrics that depend on wall time (the rest are equal between a resumed and an uninterrupted run)."""
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -110,13 +123,15 @@ def planned_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
 
 def train(model: Any, step_fn: StepFn, items: Sequence[Any], collate: Callable[[list[Any]], dict],
           lengths: Sequence[int], cfg: TrainConfig, checkpoint_dir: Path, *, log_dir: Path | None,
-          desc: str) -> TrainResult:
+          desc: str, frozen_forward_params: int = 0) -> TrainResult:
     """Train `model` in place with `step_fn(model, batch) -> (loss, metrics)`; resume from `checkpoint_dir`.
 
     `collate(list_of_items) -> dict` builds one micro-batch (CPU tensors are fine: they are moved to the
     device here); `lengths[i]` is the padded-length proxy of `items[i]` used to bucket batches. Metrics
     from step_fn are averaged over `log_every` steps and logged under their own names next to the loop's
-    loss, lr, grad_norm, tokens_per_second, pad_fraction and epoch.
+    loss, lr, grad_norm, tokens, tokens_per_second(_per_device), flops_per_second, mfu, pad_fraction and
+    epoch. `frozen_forward_params`: parameters of models step_fn runs forward-only on the batch's tokens each
+    step (a reference model), counted as 2 FLOPs each per token in flops_per_second and mfu.
     """
     if len(items) != len(lengths):
         raise ValueError(f"{desc}: {len(items)} items but {len(lengths)} lengths")
@@ -148,7 +163,10 @@ def train(model: Any, step_fn: StepFn, items: Sequence[Any], collate: Callable[[
         config = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes}
         accelerator.init_trackers(run_name, config=config, init_kwargs={"wandb": {"name": desc}})
     try:
-        return _train(accelerator, model, step_fn, items, collate, lengths, cfg, checkpoint_dir, desc)
+        flops = _FlopRate(model, accelerator, frozen_forward_params)
+        metrics_file = log_dir / METRICS_FILE if log_dir is not None and accelerator.is_main_process else None
+        return _train(accelerator, model, step_fn, items, collate, lengths, cfg, checkpoint_dir, desc, flops,
+                      metrics_file)
     finally:
         # Not accelerator.end_training(): besides finishing trackers it destroys the process group, after
         # which a second train() in the same torchrun process (or the caller's own barrier) would fail.
@@ -164,7 +182,7 @@ def train(model: Any, step_fn: StepFn, items: Sequence[Any], collate: Callable[[
 
 def _train(accelerator: Accelerator, model: Any, step_fn: StepFn, items: Sequence[Any],
            collate: Callable[[list[Any]], dict], lengths: Sequence[int], cfg: TrainConfig,
-           checkpoint_dir: Path, desc: str) -> TrainResult:
+           checkpoint_dir: Path, desc: str, flops: _FlopRate, metrics_file: Path | None) -> TrainResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     global_batch = cfg.batch_size * world
     set_seed(cfg.seed)  # dropout etc.; a resume then overwrites every RNG with the checkpoint's
@@ -182,7 +200,7 @@ def _train(accelerator: Accelerator, model: Any, step_fn: StepFn, items: Sequenc
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, epoch, micro, last_metrics = 0, 0, 0, {}
-    window = _Window(accelerator.device)
+    window = _Window(accelerator.device, flops)
     done_tokens, done_seconds = 0.0, 0.0  # of the steps before this call (from the checkpoint)
     if (ckpt := resumable_checkpoint(accelerator, checkpoint_dir)) is not None:
         state = read_state(ckpt)
@@ -236,6 +254,8 @@ def _train(accelerator: Accelerator, model: Any, step_fn: StepFn, items: Sequenc
         if step % cfg.log_every == 0 or step == max_steps:
             last_metrics = window.flush(accelerator, epoch=epoch + micro / n_micro)
             accelerator.log(last_metrics, step=step)
+            if metrics_file is not None:
+                _append_line(metrics_file, {"step": step, **last_metrics})
             bar.set_postfix(loss=f"{last_metrics['loss']:.4f}",
                             tok_s=f"{last_metrics['tokens_per_second']:.0f}")
             if accelerator.is_main_process:
@@ -289,11 +309,34 @@ def _rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
     return indices[start:start + base + (rank < extra)]
 
 
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+class _FlopRate:
+    """FLOPs per real token of a training step and the per-device peak they are measured against."""
+
+    def __init__(self, model: Any, accelerator: Accelerator, frozen_forward_params: int) -> None:
+        self.per_token = hardware.training_flops_per_token(model, frozen_forward_params=frozen_forward_params)
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        self.peak_per_device = hardware.peak_flops(dtype, accelerator.device)
+
+    def metrics(self, tokens_per_second: float, world: int) -> dict[str, float]:
+        out = {"tokens_per_second_per_device": tokens_per_second / world,
+               "flops_per_second": tokens_per_second * self.per_token}
+        if self.peak_per_device:
+            out["mfu"] = out["flops_per_second"] / (world * self.peak_per_device)
+        return out
+
+
 class _Window:
     """Sums since the last log, kept as device tensors so the loop never waits on the GPU between logs."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, flops: _FlopRate) -> None:
         self.device = device
+        self.flops = flops
         self.reset()
 
     def reset(self) -> None:
@@ -370,11 +413,13 @@ class _Window:
         seconds = max(time.perf_counter() - self.start, 1e-9)
         tokens, slots = total[-2], total[-1]
         out = {name: value / world for name, value in zip(names, total)}
-        out.update(lr=self.lr, grad_norm=total[-3] / world, tokens_per_second=tokens / seconds,
+        out.update(lr=self.lr, grad_norm=total[-3] / world, tokens=tokens, tokens_per_second=tokens / seconds,
+                   **self.flops.metrics(tokens / seconds, world),
                    pad_fraction=1.0 - tokens / slots if slots else 0.0, epoch=epoch)
         self.reset()
         return out
 
 
-__all__ = ["TrainResult", "train", "lr_factor", "mixed_precision", "planned_steps", "latest_checkpoint",
+__all__ = ["TrainResult", "TIMING_METRICS", "METRICS_FILE", "train", "lr_factor",
+           "mixed_precision", "planned_steps", "latest_checkpoint",
            "TRAINER_STATE"]

@@ -14,11 +14,9 @@ import logging
 import os
 import sys
 
+from selpo_core import threads
 from selpo_core.config import ConfigError, load_run_config
 from selpo_core.stages import dist
-from selpo_core.stages.graph import STAGE_NODES, run_pipeline, run_upto
-
-CHOICES = (*STAGE_NODES, "all")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -43,6 +41,8 @@ def configure_logging() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from selpo_core.stages.graph import run_pipeline, run_upto
+
     cfg = load_run_config(args.config, args.overrides)
     if args.plan:
         from selpo_core.stages.plan import StagePlan
@@ -62,9 +62,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selpo_core.stages.graph import STAGE_NODES  # imported here, not above: it loads torch (see __main__)
+
     parser = argparse.ArgumentParser(prog="python -m selpo_core.stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", nargs="?", choices=CHOICES, help="the stage to run (or --plan)")
+    parser.add_argument("stage", nargs="?", choices=(*STAGE_NODES, "all"), help="the stage to run (or --plan)")
     parser.add_argument("--config", default=None, help="run config YAML (default: the synthetic demo)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.field=value")
     parser.add_argument("--method", default=None, help="policy method for the policy/generate/evaluate stages")
@@ -86,4 +88,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded behind the user's back
+    threads.set_passive_wait()  # before torch loads (main imports it), so libgomp sees it; threads: runner
     sys.exit(main())

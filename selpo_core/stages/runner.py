@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from selpo_core import threads
 from selpo_core.artifacts import PARTIAL_SUFFIX, TMP_MARK, StageOutput, stage_output, unique_suffix, verify_stage
 from selpo_core.config import RunConfig, save_config
 from selpo_core.stages import answers, dist, prepare, tokens, training, tso
@@ -77,6 +78,7 @@ def _prepare_rewrite(plan: StagePlan, final: Path, problem: str) -> None:
 
 
 def _run_body(cfg: RunConfig, plan: StagePlan, store: Path, final: Path, *, main_process: bool) -> None:
+    threads.apply_thread_policy()  # once per process: the Prefect task and notebooks get it here
     inputs = {name: value.resolve(store) for name, value in plan.inputs.items()}
     for name, value in plan.inputs.items():
         if value.stage and (problem := verify_stage(store / value.stage)) is not None:

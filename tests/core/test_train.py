@@ -23,6 +23,7 @@ from selpo_core import train as train_module
 from selpo_core.batching import length_bucketed_batches
 from selpo_core.config import TRAIN_FIELDS_NOT_IN_KEY, TrainConfig
 from selpo_core.train import (
+    TIMING_METRICS,
     TRAINER_STATE,
     latest_checkpoint,
     lr_factor,
@@ -257,7 +258,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_and_ends_identical
     assert result.resumed_from_step == 2 and result.steps == 6
     assert_same_weights(resumed, clean)
     # Every metric of the last window (averages over steps 5-6) is as in one run; only the speed differs.
-    timing = {"tokens_per_second"}
+    timing = set(TIMING_METRICS)
     assert {k: v for k, v in result.final_metrics.items() if k not in timing} == \
         {k: v for k, v in clean_result.final_metrics.items() if k not in timing}
     assert result.total_tokens == clean_result.total_tokens > 0
@@ -290,7 +291,7 @@ def test_metrics_window_cut_by_a_resume_equals_one_run(tmp_path: Path, uninterru
 
     def logged_at_step_4(root: Path) -> dict[str, float]:
         state = json.loads((root / "checkpoints" / "step-000004" / TRAINER_STATE).read_text())
-        return {k: v for k, v in state["metrics"].items() if k != "tokens_per_second"}
+        return {k: v for k, v in state["metrics"].items() if k not in TIMING_METRICS}
 
     clean_dir = uninterrupted[1].checkpoint_root
     assert logged_at_step_4(tmp_path / "cut") == logged_at_step_4(clean_dir)
