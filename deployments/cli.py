@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from selpo_core.threads import set_passive_wait
+
+    set_passive_wait()  # before anything loads torch: OpenMP threads then sleep instead of spinning on a busy box
     apply_env_defaults()
     args = build_parser().parse_args(argv)
     try:

@@ -363,7 +363,9 @@ class _Window:
             mask = torch.ones_like(batch["input_ids"])
         real = mask.sum(dtype=torch.float64)
         self.tokens += real
-        self.slots += mask.numel()
+        packed = batch.get("packed")
+        # Packed rows: the slots the model computes on are the packed rows', not the padded layout's.
+        self.slots += packed.input_ids.numel() if packed is not None else mask.numel()
         self.micro += 1
         return real
 

@@ -136,7 +136,7 @@ def run_oracle(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
     result = train(model, make_preference_step(cfg.oracle.loss, cfg.oracle, ref_model), pairs,
                    lambda batch: data.collate_pairs(batch, tokenizer.pad_token_id, packed=packed),
                    [pair.length for pair in pairs], cfg.oracle.train, out.partial_dir / "checkpoints",
-                   log_dir=out.work_dir / "tb", desc="oracle")
+                   log_dir=out.work_dir / "tb", desc="oracle", frozen_forward_params=_forward_params(ref_model))
     models.save_model_dir(model, tokenizer, out.work_dir / "model")
     save_config(cfg.oracle, out.work_dir / "config.yaml")
     out.metrics.update({"n_pairs": len(pairs), **_train_metrics(result, models.count_parameters(model))})
@@ -199,7 +199,8 @@ def run_policy(cfg: RunConfig, plan: StagePlan, inputs: dict[str, str], out: Sta
 
     result = train(model, make_preference_step(method, cfg.policy, ref_model), pairs, collate,
                    [pair.length for pair in pairs], cfg.policy.train, out.partial_dir / "checkpoints",
-                   log_dir=out.work_dir / "tb", desc=f"policy {plan.name.removeprefix('policy_')}")
+                   log_dir=out.work_dir / "tb", desc=f"policy {plan.name.removeprefix('policy_')}",
+                   frozen_forward_params=_forward_params(ref_model))
     models.save_model_dir(model, tokenizer, out.work_dir / "model")
     save_config(cfg.policy, out.work_dir / "config.yaml")
     out.metrics.update({"method": method, "reads_ref_logps_from_scores": "ref_logps" in inputs,
@@ -276,3 +277,10 @@ def _packing(requested: bool, model: Any) -> bool:
         log.warning("train.pack_pairs: %s cannot keep packed sequences apart; training on padded rows",
                     type(model).__name__)
     return requested and supports_packing(model)
+
+
+def _forward_params(ref_model: Any | None) -> int:
+    """Matmul parameters of the reference that runs forward on every batch (for the FLOP/s and MFU metrics)."""
+    from selpo_core.hardware import flop_parameters
+
+    return flop_parameters(ref_model)[0] if ref_model is not None else 0

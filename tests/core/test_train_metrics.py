@@ -82,3 +82,18 @@ def test_no_mfu_where_the_peak_is_unknown(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(hardware, "peak_flops", lambda dtype, device: None)
     result, _, _ = train_once(tmp_path)
     assert "mfu" not in result.final_metrics and result.final_metrics["flops_per_second"] > 0
+
+
+def test_pad_fraction_of_packed_rows_counts_the_packed_slots() -> None:
+    from selpo_core.batching import pack_rows
+
+    input_ids = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0], [5, 0, 0, 0], [5, 6, 7, 0]])
+    attention_mask = (input_ids != 0).long()
+    packed = pack_rows(input_ids, attention_mask, 0)
+    window = train_module._Window(torch.device("cpu"), flops=None)  # type: ignore[arg-type]
+    window.add_micro(torch.tensor(0.0), {}, {"input_ids": input_ids, "attention_mask": attention_mask})
+    assert (window.tokens.item(), window.slots) == (10, 16)
+    window.reset()
+    window.add_micro(torch.tensor(0.0), {}, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                             "packed": packed})
+    assert window.tokens.item() == 10 and window.slots == packed.input_ids.numel() < 16
