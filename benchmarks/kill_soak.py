@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,24 +69,30 @@ def in_progress(runs_dir: Path) -> list[str]:
 
 def trial(seed: int, reference: dict[str, dict[str, str]], duration: float, work: Path) -> dict[str, Any]:
     runs_dir = work / f"trial-{seed}"
-    # Up to 90% of the reference run's time, so that (load permitting) the kill lands before the run ends.
+    # Up to 90% of the reference run's time. The box's load changes between the reference and a trial, so a run
+    # can end before its kill: then it is started again from nothing with half the delay, until a kill lands.
     delay = random.Random(seed).uniform(0.5, 0.9 * duration)
-    process = subprocess.Popen(pipeline(runs_dir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    time.sleep(delay)
-    finished_first = process.poll() is not None
-    if not finished_first:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it ended between the poll and the kill
-            finished_first = True
-    process.wait()
+    for attempt in range(1, 9):
+        shutil.rmtree(runs_dir, ignore_errors=True)
+        process = subprocess.Popen(pipeline(runs_dir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        finished_first = process.poll() is not None
+        if not finished_first:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended between the poll and the kill
+                finished_first = True
+        process.wait()
+        if not finished_first:
+            break
+        delay /= 2
     killed_in = in_progress(runs_dir) if not finished_first else ["(finished before the kill)"]
     resume_seconds = run_to_completion(runs_dir)
     checksums = stage_checksums(runs_dir)
     differing = sorted(name for name in set(reference) | set(checksums) if reference.get(name) != checksums.get(name))
-    return {"seed": seed, "kill_after_s": round(delay, 2), "killed_in": killed_in, "resume_s": round(resume_seconds, 1),
-            "differing_stages": differing, "leftover_dirs": leftovers(runs_dir)}
+    return {"seed": seed, "kill_after_s": round(delay, 2), "attempts": attempt, "killed_in": killed_in,
+            "resume_s": round(resume_seconds, 1), "differing_stages": differing, "leftover_dirs": leftovers(runs_dir)}
 
 
 def soak(trials: int, first_seed: int = 0, work: Path | None = None) -> dict[str, Any]:
