@@ -72,7 +72,9 @@ def trial(seed: int, reference: dict[str, dict[str, str]], duration: float, work
     # Up to 90% of the reference run's time. The box's load changes between the reference and a trial, so a run
     # can end before its kill: then it is started again from nothing with half the delay, until a kill lands.
     delay = random.Random(seed).uniform(0.5, 0.9 * duration)
-    for attempt in range(1, 9):
+    attempts = 0
+    while attempts < 8:
+        attempts += 1
         shutil.rmtree(runs_dir, ignore_errors=True)
         process = subprocess.Popen(pipeline(runs_dir), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
@@ -91,7 +93,7 @@ def trial(seed: int, reference: dict[str, dict[str, str]], duration: float, work
     resume_seconds = run_to_completion(runs_dir)
     checksums = stage_checksums(runs_dir)
     differing = sorted(name for name in set(reference) | set(checksums) if reference.get(name) != checksums.get(name))
-    return {"seed": seed, "kill_after_s": round(delay, 2), "attempts": attempt, "killed_in": killed_in,
+    return {"seed": seed, "kill_after_s": round(delay, 2), "attempts": attempts, "killed_in": killed_in,
             "resume_s": round(resume_seconds, 1), "differing_stages": differing, "leftover_dirs": leftovers(runs_dir)}
 
 
