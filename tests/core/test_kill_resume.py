@@ -15,5 +15,6 @@ def test_killed_runs_resume_to_identical_artifacts(tmp_path: Path) -> None:
     result = soak(trials=2, first_seed=7, work=tmp_path)
     assert result["n_stages"] == 13
     for row in result["trials"]:
+        assert row["killed_in"] != ["(finished before the kill)"], row  # the kill landed mid-run
         assert row["differing_stages"] == [], row
         assert row["leftover_dirs"] == [], row
