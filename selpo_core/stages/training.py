@@ -273,10 +273,13 @@ def _packing(requested: bool, model: Any) -> bool:
     """Pack pair rows when asked and the model keeps packed sequences apart; say so when it cannot."""
     from selpo_core.logps import supports_packing
 
-    if requested and not supports_packing(model):
+    if not requested:
+        return False
+    if not supports_packing(model):
         log.warning("train.pack_pairs: %s cannot keep packed sequences apart; training on padded rows",
                     type(model).__name__)
-    return requested and supports_packing(model)
+        return False
+    return True
 
 
 def _forward_params(ref_model: Any | None) -> int:
